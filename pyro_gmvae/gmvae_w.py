@@ -1,0 +1,95 @@
+"""The Gaussian-mixture VAE of Dilokthanakul et al. (2016), with latents w, x and cluster c."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyro
+import pyro.distributions as dist
+
+from .base import MixtureVAE
+from .m2 import _mean_image
+from .nets import ConvDecoder, decoder_out_features, mlp, observation_dist, positive, xavier_init
+
+ARCHS = ("mlp", "conv")
+
+
+class GMVAEW(MixtureVAE):
+    r"""Dilokthanakul et al. 2016, "Deep Unsupervised Clustering with Gaussian Mixture VAEs".
+
+    .. math::
+        w \sim \mathcal N(0, I), \quad c \sim \mathrm{Cat}(1/K), \quad
+        x \mid c, w \sim \mathcal N(\mu_c(w), \sigma^2_c(w)), \quad
+        y \mid x \sim \mathrm{Bernoulli}(g_\theta(x))
+
+    One tanh network emits all K means and variances (Appendix A). The observation site is
+    named ``obs`` (the paper's y). The cluster's posterior is exact,
+
+    .. math:: p(c \mid x, w) \propto \pi_c\, \mathcal N(x \mid \mu_c(w), \sigma^2_c(w)),
+
+    so the guide needs only q(x|y) q(w|y) (:class:`~pyro_gmvae.guides.GMVAEWGuide`): it either
+    enumerates c itself with that posterior, or leaves c to be enumerated in the model; the two
+    losses are identical. ``arch="conv"`` uses the paper's convolutional decoder (Tables A.1-A.3).
+    """
+
+    name = "gmvae_w"
+    cluster_site = "c"
+    default_guide = "exact_posterior"
+
+    def __init__(self, data_dim=784, k=10, x_dim=200, w_dim=150, hidden=1000, arch="mlp",
+                 image_shape=None, likelihood="bernoulli", min_var=1e-4):  # fmt: skip
+        super().__init__(data_dim, k, likelihood)
+        if arch not in ARCHS:
+            raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+        if arch == "conv" and (image_shape is None or torch.Size(image_shape).numel() != data_dim):
+            raise ValueError(f"arch='conv' needs an image_shape (C, H, W) with C*H*W = {data_dim}")
+        self.x_dim, self.w_dim, self.hidden, self.min_var = x_dim, w_dim, hidden, min_var
+        self.arch, self.image_shape = arch, None if image_shape is None else tuple(image_shape)
+        self.prior_net = nn.Sequential(nn.Linear(w_dim, hidden), nn.Tanh())
+        self.prior_loc = nn.Linear(hidden, k * x_dim)
+        self.prior_var = nn.Linear(hidden, k * x_dim)
+        out = decoder_out_features(data_dim, likelihood)
+        if arch == "mlp":
+            self.decoder = mlp([x_dim, hidden, hidden, out], final_activation=False)
+        else:
+            channels = out // (data_dim // self.image_shape[0])
+            self.decoder = ConvDecoder(x_dim, self.image_shape, channels)
+        xavier_init(self)
+
+    def components(self, w):
+        """μ_c(w) and σ_c(w) for every cluster: two tensors of shape (..., K, x_dim)."""
+        h = self.prior_net(w)
+        shape = (*w.shape[:-1], self.k, self.x_dim)
+        return self.prior_loc(h).reshape(shape), positive(self.prior_var(h), self.min_var).sqrt().reshape(shape)
+
+    def cluster_log_posterior(self, x, w):
+        """log p(c | x, w), shape (..., K): exact, from Bayes' rule over the K components."""
+        loc, scale = self.components(w)
+        log_lik = dist.Normal(loc, scale).log_prob(x.unsqueeze(-2)).sum(-1)
+        return F.log_softmax(self.cluster_log_prior() + log_lik, dim=-1)
+
+    def model(self, obs):
+        self.check(obs)
+        pyro.module(self.name, self)
+        with pyro.plate("data", obs.shape[0]):
+            w = pyro.sample("w", dist.Normal(obs.new_zeros(self.w_dim), 1.0).to_event(1))
+            # Enumerated here unless the guide supplies c (then replayed from the guide).
+            c = pyro.sample("c", dist.OneHotCategorical(logits=self.cluster_logits), infer={"enumerate": "parallel"})
+            loc, scale = self.components(w)  # (..., B, K, x_dim)
+            # c is one-hot with a leading enumeration dim, (K, 1, K): select by contraction.
+            c = c.unsqueeze(-1)
+            x = pyro.sample("x", dist.Normal((c * loc).sum(-2), (c * scale).sum(-2)).to_event(1))
+            pyro.sample("obs", observation_dist(self.decoder(x), self.likelihood), obs=obs)
+
+    @torch.no_grad()
+    def sample(self, c, w=None, use_mean=False):
+        """Decoder means for one-hot c (N, K) and w (N, w_dim) (from the prior if None).
+
+        With ``use_mean`` x is the component mean μ_c(w) rather than a draw (the paper's Fig. 5).
+        """
+        if w is None:
+            w = torch.randn(c.shape[0], self.w_dim, device=c.device)
+        loc, scale = self.components(w)
+        loc, scale = (c.unsqueeze(-1) * loc).sum(-2), (c.unsqueeze(-1) * scale).sum(-2)
+        x = loc if use_mean else loc + scale * torch.randn_like(loc)
+        return _mean_image(self.decoder(x), self.likelihood)
