@@ -1,0 +1,117 @@
+"""Test-set evaluation: cluster posteriors, the ELBO, an importance-weighted bound, clustering metrics."""
+
+import math
+
+import pyro
+import pyro.poutine as poutine
+import torch
+import torch.nn.functional as F
+from pyro.infer import TraceEnum_ELBO
+
+from .metrics import clustering_report
+from .objectives import cluster_kl
+
+
+def _batches(x, batch_size):
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i : i + batch_size]
+
+
+class _EvalMode:
+    """Puts modules in eval mode (BatchNorm uses running statistics) and restores their mode."""
+
+    def __init__(self, *modules):
+        self.modules = modules
+
+    def __enter__(self):
+        self.was_training = [m.training for m in self.modules]
+        for m in self.modules:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.modules, self.was_training):
+            m.train(mode)
+
+
+@torch.no_grad()
+def cluster_probs(guide, x, batch_size=1000) -> torch.Tensor:
+    """The guide's cluster posterior for every row of x, shape (N, K), in eval mode."""
+    with _EvalMode(guide):
+        return torch.cat([guide.cluster_probs(b) for b in _batches(x, batch_size)])
+
+
+@torch.no_grad()
+def elbo(model, guide, x, batch_size=1000, num_particles=1) -> float:
+    """The plain ELBO (cluster summed exactly) in nats per data point, in eval mode."""
+    estimator = TraceEnum_ELBO(
+        max_plate_nesting=1, num_particles=num_particles, vectorize_particles=num_particles > 1
+    )
+    total = 0.0
+    with _EvalMode(model, guide):
+        for b in _batches(x, batch_size):
+            total -= estimator.loss(model.model, guide, b)
+    return total / x.shape[0]
+
+
+@torch.no_grad()
+def iw_log_likelihood(model, guide, x, num_samples=100, batch_size=100) -> float:
+    r"""Importance-weighted bound on log p(x), nats per data point, with the cluster summed exactly.
+
+    Stratified over clusters: for each y, S draws z_{y,s} ~ q(z | x, y) (the guide with its
+    cluster site fixed to y), and
+
+    .. math::
+        \log \hat p(x) = \log \sum_y \frac1S \sum_s \frac{p(x, y, z_{y,s})}{q(z_{y,s} \mid x, y)},
+
+    an unbiased estimate of p(x) inside the log, so a lower bound on log p(x) that tightens as S
+    grows (Burda et al. 2016). It needs only the guide's continuous sites; for gmvae_w they are
+    x and w.
+    """
+    site, k = model.cluster_site, model.k
+    total = 0.0
+    with _EvalMode(model, guide):
+        for b in _batches(x, batch_size):
+            log_w = []
+            for j in range(k):
+                y = F.one_hot(torch.tensor(j, device=b.device), k).to(b.dtype).expand(b.shape[0], k)
+                fixed = {site: y}
+                # The S draws sit in a plate left of the data plate, so every site gets shape (S, B).
+                with pyro.plate("iw_samples", num_samples, dim=-2):
+                    guide_trace = poutine.trace(poutine.condition(guide, fixed)).get_trace(b)
+                    model_trace = poutine.trace(
+                        poutine.replay(poutine.condition(model.model, fixed), trace=guide_trace)
+                    ).get_trace(b)
+                log_w.append(_log_joint(model_trace) - _log_joint(guide_trace, latent_only=True))
+            log_w = torch.stack(log_w)  # (K, S, B)
+            log_p = log_w.flatten(0, 1).logsumexp(0) - math.log(num_samples)
+            total += log_p.sum().item()
+    return total / x.shape[0]
+
+
+def _log_joint(trace, latent_only=False):
+    """Sum of the sample sites' log-probs, each of shape (S, B); guide: its latent sites only."""
+    trace.compute_log_prob()
+    terms = [
+        site["log_prob"]
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not (latent_only and site["is_observed"])
+    ]
+    return sum(terms)
+
+
+@torch.no_grad()
+def mean_cluster_kl(model, probs) -> float:
+    """The cluster KL ("z-prior") term, mean over points of KL(q(y|x) || p(y)), in nats."""
+    log_prior = model.cluster_log_prior().to(probs.device)
+    return cluster_kl(torch.distributions.OneHotCategorical(probs=probs), log_prior).mean().item()
+
+
+def evaluate(model, guide, x, labels, batch_size=1000, num_particles=1, iw_samples=0) -> dict:
+    """Clustering metrics, test ELBO, cluster KL and (if ``iw_samples``) the IW bound on (x, labels)."""
+    probs = cluster_probs(guide, x, batch_size)
+    report = clustering_report(labels.cpu().numpy(), probs.cpu().double().numpy())
+    report["test_elbo"] = elbo(model, guide, x, batch_size, num_particles)
+    report["cluster_kl"] = mean_cluster_kl(model, probs)
+    if iw_samples:
+        report["test_iw_bound"] = iw_log_likelihood(model, guide, x, iw_samples)
+    return report

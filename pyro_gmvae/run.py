@@ -1,0 +1,386 @@
+"""A training run: data -> model/guide -> estimator -> trainer -> metrics, kept in a run directory.
+
+The run directory holds ``config.json`` (every setting, the seed, package versions),
+``metrics.jsonl`` (one JSON object per evaluation), ``checkpoint.pt`` (model, guide, optimiser,
+RNG and data-order state, written atomically) and ``summary.json`` (final test metrics, time,
+hardware). ``resume=True`` continues from the checkpoint and reproduces, on CPU, exactly the
+``metrics.jsonl`` an uninterrupted run writes (up to the wall-clock ``time_s``).
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import MODELS, make_model
+from .data import binarize_fixed, iterate_minibatches, load_dataset, make_arcs
+from .evaluate import evaluate, iw_log_likelihood
+from .guides import make_guide
+from .nets import set_validation
+from .train import Trainer, kl_weight_schedule, resolve_device
+
+DATASETS = ("mnist", "fashion-mnist", "svhn", "arcs")
+BINARIZE = ("dynamic", "none")
+CHECKPOINT = "checkpoint.pt"
+# Settings that may change on resume without changing what the run computes.
+RESUMABLE_CHANGES = ("epochs", "device", "progress", "data_dir")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Every setting of a run. Defaults: Shu's GMVAE on MNIST, K = 10 (the best clusterer)."""
+
+    model: str = "gmvae"
+    guide: str | None = None  # None: the model's default guide
+    estimator: str = "enum"
+    k: int = 10
+    epochs: int = 100
+    batch_size: int = 100
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    clip_norm: float | None = None
+    free_bits: float = 0.0  # λ, nats per point
+    kl_weight: float = 1.0  # β
+    kl_warmup_epochs: int = 0  # β ramps linearly over these epochs
+    mc_samples: int = 1  # M
+    arch: str = "mlp"
+    hidden: int | None = None  # hidden width (None: the model's default)
+    latent_dim: int | None = None  # z (Shu's models) or x (gmvae_w); None: default
+    w_dim: int | None = None  # gmvae_w only
+    likelihood: str | None = None  # None: bernoulli for binarised data, else gaussian
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    limit: int | None = None  # use the first N training points
+    binarize: str = "dynamic"
+    device: str | None = None
+    seed: int = 0
+    eval_every: int = 1  # epochs
+    eval_batch_size: int = 1000
+    iw_samples: int = 0  # S for the final importance-weighted bound (0: skip)
+    on_nan: str = "raise"
+    out: str = "runs/latest"
+    progress: bool = True
+
+    def validate(self) -> "RunConfig":
+        """One clear error for an invalid setting or combination, before any work."""
+
+        def bad(flag, message):
+            raise ValueError(f"{flag}: {message}")
+
+        if self.model not in MODELS:
+            bad("model", f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
+        if self.dataset not in DATASETS:
+            bad("dataset", f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
+        if self.binarize not in BINARIZE:
+            bad("binarize", f"choose one of {BINARIZE}, got {self.binarize!r}")
+        if self.arch not in ("mlp", "conv"):
+            bad("arch", f"choose 'mlp' or 'conv', got {self.arch!r}")
+        if self.arch == "conv" and self.model != "gmvae_w":
+            bad(
+                "arch",
+                "the convolutional networks (Dilokthanakul et al., Tables A.1-A.3) are for --model gmvae_w",
+            )
+        if self.arch == "conv" and self.dataset == "arcs":
+            bad("arch", "the arcs dataset is 2-D points, not images; use --arch mlp")
+        if self.likelihood not in (None, "bernoulli", "gaussian"):
+            bad("likelihood", f"choose 'bernoulli' or 'gaussian', got {self.likelihood!r}")
+        if self.likelihood_name() == "bernoulli" and (
+            self.binarize == "none" or self.dataset == "arcs"
+        ):
+            bad(
+                "likelihood",
+                "a Bernoulli likelihood needs binarised data (binarize='dynamic', not arcs)",
+            )
+        for name in ("k", "epochs", "batch_size", "mc_samples", "eval_every", "eval_batch_size"):
+            value = getattr(self, name)
+            minimum = 2 if name == "k" else 1
+            if not isinstance(value, int) or value < minimum:
+                bad(name, f"must be an integer >= {minimum}, got {value!r}")
+        for name in ("limit", "hidden", "latent_dim", "w_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                bad(name, f"must be a positive integer, got {value!r}")
+        if self.w_dim is not None and self.model != "gmvae_w":
+            bad("w_dim", "only --model gmvae_w has a w latent")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if self.free_bits < 0 or self.kl_weight < 0:
+            bad("free_bits/kl_weight", "must be >= 0")
+        if self.iw_samples < 0 or self.kl_warmup_epochs < 0:
+            bad("iw_samples/kl_warmup_epochs", "must be >= 0")
+        if self.limit is not None and self.limit < self.batch_size:
+            bad("limit", f"keeps {self.limit} points, fewer than one batch of {self.batch_size}")
+        if self.on_nan not in ("raise", "rollback"):
+            bad("on_nan", f"choose 'raise' or 'rollback', got {self.on_nan!r}")
+        return self
+
+    def likelihood_name(self) -> str:
+        if self.likelihood is not None:
+            return self.likelihood
+        return "bernoulli" if self.binarize == "dynamic" and self.dataset != "arcs" else "gaussian"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_data(cfg: RunConfig, device):
+    """(train, test) datasets on the device; the test set binarised once, with a fixed seed."""
+    if cfg.dataset == "arcs":
+        n = cfg.limit or 10_000
+        train, test = make_arcs(n, seed=cfg.seed), make_arcs(max(n // 5, cfg.k), seed=cfg.seed + 1)
+        return train.to(device), test.to(device)
+    train = load_dataset(
+        cfg.dataset, train=True, data_dir=cfg.data_dir, limit=cfg.limit, device=device
+    )
+    test = load_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, device=device)
+    if cfg.binarize == "dynamic":
+        # A fixed draw keeps test metrics free of binarisation noise between evaluations.
+        test = dataclasses.replace(test, x=binarize_fixed(test.x, seed=cfg.seed))
+    return train, test
+
+
+def build_model(cfg: RunConfig, data_dim: int, image_shape=None):
+    """The model and guide a config describes."""
+    kwargs = {"data_dim": data_dim, "k": cfg.k, "likelihood": cfg.likelihood_name()}
+    if cfg.model == "gmvae_w":
+        kwargs.update(arch=cfg.arch, image_shape=image_shape)
+        if cfg.latent_dim:
+            kwargs["x_dim"] = cfg.latent_dim
+        if cfg.w_dim:
+            kwargs["w_dim"] = cfg.w_dim
+        if cfg.hidden:
+            kwargs["hidden"] = cfg.hidden
+    else:
+        if cfg.latent_dim:
+            kwargs["z_dim"] = cfg.latent_dim
+        if cfg.hidden:
+            kwargs["hidden"] = (cfg.hidden, cfg.hidden)
+    model = make_model(cfg.model, **kwargs)
+    return model, make_guide(cfg.guide, model)
+
+
+def package_versions() -> dict:
+    import numpy
+    import pyro
+    import scipy
+    import sklearn
+
+    from . import __version__
+
+    return {
+        "pyro_gmvae": __version__,
+        "pyro": pyro.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "sklearn": sklearn.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def hardware(device) -> dict:
+    info = {
+        "device": str(device),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def atomic_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same directory, then rename: a reader never sees half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The evaluations of a run, in order."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train and evaluate as ``cfg`` says; returns the final summary (also in summary.json)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    device = resolve_device(cfg.device)
+    start = None
+    if resume:
+        start = _load_checkpoint(out, cfg)
+    elif (out / CHECKPOINT).exists():
+        raise FileExistsError(
+            f"{out} already holds a run; pass resume=True (--resume) or another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+
+    train, test = load_data(cfg, device)
+    _check_training_data(train, test, cfg)
+    model, guide = build_model(cfg, train.x.shape[1], train.image_shape)
+    trainer = Trainer(
+        model, guide, estimator=cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, clip_norm=cfg.clip_norm,
+        kl_weight=kl_weight_schedule(0, cfg.kl_weight, cfg.kl_warmup_epochs), free_bits=cfg.free_bits,
+        num_particles=cfg.mc_samples, device=device, seed=cfg.seed, on_nan=cfg.on_nan,
+    )  # fmt: skip
+    batches = torch.Generator(device=device)
+    batches.manual_seed(cfg.seed)
+    epoch, elapsed = 0, 0.0
+    if start is None:
+        write_json(
+            {**cfg.to_dict(), "versions": package_versions(), "hardware": hardware(device)},
+            out / "config.json",
+        )
+        (out / "metrics.jsonl").write_text("")
+    else:
+        trainer.load_state_dict(start["trainer"])
+        batches.set_state(
+            start["batches"].to(batches.device) if device.type != "cpu" else start["batches"]
+        )
+        epoch, elapsed = start["epoch"], start["elapsed"]
+        _truncate_metrics(out, trainer.step_count)
+
+    # The data were checked once above; per-step checks would read back from the device.
+    set_validation(False)
+    last = (read_metrics(out) or [{}])[-1]
+    t0 = time.perf_counter() - elapsed
+    try:
+        bar = tqdm(range(epoch, cfg.epochs), desc=f"{cfg.model} K={cfg.k}", unit="epoch",
+                   initial=epoch, total=cfg.epochs, disable=not cfg.progress)  # fmt: skip
+        for epoch in bar:
+            trainer.set_kl_weight(kl_weight_schedule(epoch, cfg.kl_weight, cfg.kl_warmup_epochs))
+            if hasattr(trainer.guide, "set_epoch"):
+                trainer.guide.set_epoch(epoch)
+            loss_sum, n = torch.zeros((), device=device), 0
+            steps = iterate_minibatches(train.x, cfg.batch_size, batches, binarize=cfg.binarize)
+            for x in tqdm(
+                steps,
+                total=len(train) // cfg.batch_size,
+                leave=False,
+                disable=not cfg.progress,
+                unit="step",
+            ):
+                loss_sum += trainer.step(x)
+                n += x.shape[0]
+            done = epoch + 1
+            if done % cfg.eval_every == 0 or done == cfg.epochs:
+                last = _evaluate(
+                    cfg, trainer, test, done, loss_sum.item() / n, time.perf_counter() - t0
+                )
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                # Saved after the evaluation, whose random draws the next epoch continues from.
+                atomic_save(
+                    {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": done,
+                     "elapsed": time.perf_counter() - t0, "config": cfg.to_dict()},
+                    out / CHECKPOINT,
+                )  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{last['train_loss']:.2f}", acc=f"{last['acc_hungarian']:.3f}"
+                )
+    finally:
+        set_validation(True)
+
+    summary = dict(last)
+    if cfg.iw_samples:
+        summary["test_iw_bound"] = iw_log_likelihood(
+            trainer.model, trainer.guide, test.x, cfg.iw_samples
+        )
+    summary.update(wall_time_s=time.perf_counter() - t0, run_dir=str(out), hardware=hardware(device),
+                   model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset)  # fmt: skip
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def _check_training_data(train, test, cfg: RunConfig) -> None:
+    """One clear error for data this run cannot use, checked once over the whole set."""
+    for split in (train, test):
+        if not torch.isfinite(split.x).all():
+            raise ValueError(f"{cfg.dataset}: the data contain NaN or infinite values")
+    if cfg.binarize == "dynamic" and (train.x.min() < 0 or train.x.max() > 1):
+        raise ValueError(f"{cfg.dataset}: dynamic binarisation needs grey levels in [0, 1]")
+    if len(train) < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training points")
+
+
+def _evaluate(cfg, trainer, test, epoch, train_loss, time_s) -> dict:
+    report = evaluate(trainer.model, trainer.guide, test.x, test.labels, cfg.eval_batch_size)
+    row = {"epoch": epoch, "step": trainer.step_count, "time_s": time_s, "train_loss": train_loss}
+    row.update(report)
+    row["kl_weight"] = trainer.kl_weight
+    return row
+
+
+def _load_checkpoint(out: Path, cfg: RunConfig) -> dict:
+    path = out / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    changed = sorted(k for k in now if saved.get(k) != now[k])
+    if changed:
+        raise ValueError(f"--resume: settings differ from the checkpointed run: {changed}")
+    return state
+
+
+def _truncate_metrics(out: Path, step: int) -> None:
+    """Drop evaluations written after the checkpoint (a run killed between the two writes)."""
+    rows = [r for r in read_metrics(out) if r["step"] <= step]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def load_config(run_dir) -> RunConfig:
+    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    return RunConfig(**{k: v for k, v in saved.items() if k in fields})
+
+
+def load_run(run_dir, device="cpu"):
+    """The trained model and guide of a run directory, in eval mode, ready for ``cluster_probs``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).exists():
+        raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    cfg = load_config(run_dir)
+    state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+    data_dim, image_shape = _data_shape(cfg)
+    model, guide = build_model(cfg, data_dim, image_shape)
+    model.load_state_dict(state["trainer"]["model"])
+    guide.load_state_dict(state["trainer"]["guide"])
+    model.to(device).eval(), guide.to(device).eval()
+    return model, guide
+
+
+def _data_shape(cfg: RunConfig):
+    shapes = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32)}
+    if cfg.dataset == "arcs":
+        return 2, None
+    shape = shapes[cfg.dataset]
+    return shape[0] * shape[1] * shape[2], shape

@@ -1,0 +1,191 @@
+"""The trainer: Pyro's SVI step with a global gradient clip, NaN guards and exact state.
+
+One step is what ``pyro.infer.SVI.step`` does — the estimator's ``loss_and_grads`` and an
+optimiser update — except that gradients are clipped by their *global* norm
+(``torch.nn.utils.clip_grad_norm_``; ``pyro.optim``'s clip arguments act per tensor or per
+element) and the optimiser is a plain ``torch.optim`` one, so its state is checkpointed exactly.
+"""
+
+import copy
+import math
+
+import pyro
+import torch
+
+from .estimators import Estimator, make_estimator
+from .guides import make_guide
+from .objectives import cluster_objective
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+ON_NAN = ("raise", "rollback")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss (or gradient)."""
+
+
+def resolve_device(device=None) -> torch.device:
+    """``None``/"auto": CUDA when available, else CPU; otherwise the named device, checked."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")
+    return device
+
+
+def rng_state() -> dict:
+    """Every random state a run draws from (torch CPU and CUDA, plus numpy and random via Pyro)."""
+    state = {"pyro": pyro.util.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    pyro.util.set_rng_state(state["pyro"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains a model/guide pair by stochastic variational inference.
+
+    Args:
+        model: a :class:`~pyro_gmvae.base.MixtureVAE`.
+        guide: a guide module, a registered guide name, or None for the model's default.
+        estimator: an estimator name from :mod:`pyro_gmvae.estimators` or an ``Estimator``.
+        optimizer, lr: a ``torch.optim`` optimiser by name and its learning rate.
+        clip_norm: clip gradients to this global L2 norm (None: no clipping).
+        kl_weight, free_bits: β and λ on the cluster KL term (:mod:`pyro_gmvae.objectives`).
+        num_particles: M, the Monte-Carlo samples of the continuous latents per data point.
+        device: "cuda", "cpu" or None (CUDA when available).
+        seed: seeds torch, numpy and random; a CPU run is reproducible from it.
+        on_nan: "raise" stops with :class:`NonFiniteLossError`; "rollback" restores the last
+            good state (up to ``max_rollbacks`` times in a row) and goes on.
+        nan_check_every: check the loss every this many steps (None: every step on CPU, every 20
+            on CUDA, since each check reads the loss back from the device).
+    """
+
+    def __init__(self, model, guide=None, estimator="enum", optimizer="adam", lr=1e-3, clip_norm=None,
+                 kl_weight=1.0, free_bits=0.0, num_particles=1, device=None, seed=0, on_nan="raise",
+                 max_rollbacks=10, nan_check_every=None):  # fmt: skip
+        if on_nan not in ON_NAN:
+            raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+        if not lr > 0:
+            raise ValueError(f"the learning rate must be > 0, got {lr}")
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        self.device = resolve_device(device)
+        self.seed = seed
+        pyro.set_rng_seed(seed)
+        # Stale entries from an earlier model would shadow this one's parameters in the store.
+        pyro.clear_param_store()
+        self.model = model.to(self.device)
+        if guide is None or isinstance(guide, str):
+            guide = make_guide(guide, model)
+        self.guide = guide.to(self.device)
+        if not isinstance(estimator, Estimator):
+            estimator = make_estimator(
+                estimator, model=model, guide=guide, num_particles=num_particles
+            )
+        self.estimator = estimator
+        self.free_bits = free_bits
+        self.set_kl_weight(kl_weight)
+        self.params = list({id(p): p for m in (model, guide) for p in m.parameters()}.values())
+        self.optimizer = OPTIMIZERS[optimizer](self.params, lr=lr)
+        self.clip_norm = clip_norm
+        self.on_nan, self.max_rollbacks = on_nan, max_rollbacks
+        self.nan_check_every = nan_check_every or (1 if self.device.type == "cpu" else 20)
+        self.step_count = 0
+        self.rollbacks = 0
+        self._good_state = None
+
+    def set_kl_weight(self, kl_weight: float) -> None:
+        """Set β (e.g. once per epoch for KL annealing); λ stays as given."""
+        self.kl_weight = kl_weight
+        self.model_fn, self.guide_fn = cluster_objective(
+            self.model.model, self.guide, getattr(self.guide, "cluster_site", self.model.cluster_site),
+            self.model.cluster_log_prior, kl_weight=kl_weight, free_bits=self.free_bits,
+        )  # fmt: skip
+
+    def loss(self, x) -> torch.Tensor:
+        """The training objective on a batch, summed over its points, without gradients."""
+        with torch.no_grad():
+            return self.estimator.loss(self.model_fn, self.guide_fn, x)
+
+    def step(self, x) -> torch.Tensor:
+        """One SVI step on batch x; returns the loss (summed over the batch) as a device tensor."""
+        self.model.train(), self.guide.train()
+        loss = self.estimator.loss_and_grads(self.model_fn, self.guide_fn, x)
+        grad_norm = None
+        if self.clip_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        if self.step_count % self.nan_check_every == 0:
+            bad = not torch.isfinite(loss).all() or (
+                grad_norm is not None and not torch.isfinite(grad_norm)
+            )
+            if bad:
+                self._handle_nonfinite(loss)
+                return loss
+            self.rollbacks = 0
+            if self.on_nan == "rollback":
+                self._good_state = copy.deepcopy(self._train_state())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return loss
+
+    def _handle_nonfinite(self, loss):
+        self.optimizer.zero_grad(set_to_none=True)
+        value = loss.item() if loss.numel() == 1 else loss
+        message = (
+            f"non-finite loss or gradient ({value}) at step {self.step_count}; try a lower learning "
+            "rate, a gradient clip (clip_norm), or on_nan='rollback'"
+        )
+        if self.on_nan == "raise" or self._good_state is None:
+            raise NonFiniteLossError(message)
+        self.rollbacks += 1
+        if self.rollbacks > self.max_rollbacks:
+            raise NonFiniteLossError(f"{message} ({self.max_rollbacks} rollbacks in a row)")
+        self._load_train_state(self._good_state)
+
+    def _train_state(self):
+        return {
+            "model": self.model.state_dict(),
+            "guide": self.guide.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+    def _load_train_state(self, state):
+        self.model.load_state_dict(state["model"])
+        self.guide.load_state_dict(state["guide"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def state_dict(self) -> dict:
+        """Model, guide, optimiser, step count, β and RNG state: enough to continue exactly."""
+        return {
+            **self._train_state(),
+            "step": self.step_count,
+            "kl_weight": self.kl_weight,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._load_train_state(state)
+        self.step_count = state["step"]
+        self.set_kl_weight(state["kl_weight"])
+        set_rng_state(state["rng"])
+
+
+def kl_weight_schedule(epoch: int, kl_weight: float, warmup_epochs: int) -> float:
+    """β for an epoch: a linear warm-up from kl_weight/warmup_epochs to kl_weight, then constant."""
+    if warmup_epochs <= 0:
+        return kl_weight
+    return kl_weight * min(1.0, (epoch + 1) / warmup_epochs)
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
