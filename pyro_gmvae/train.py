@@ -78,6 +78,14 @@ class Trainer:
             raise ValueError(f"the learning rate must be > 0, got {lr}")
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        if nan_check_every is not None and (
+            not isinstance(nan_check_every, int) or nan_check_every < 1
+        ):
+            raise ValueError(
+                f"nan_check_every must be an integer >= 1 or None, got {nan_check_every!r}"
+            )
+        if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
+            raise ValueError(f"max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
         self.device = resolve_device(device)
         self.seed = seed
         pyro.set_rng_seed(seed)
@@ -113,20 +121,30 @@ class Trainer:
 
     def loss(self, x) -> torch.Tensor:
         """The training objective on a batch, summed over its points, without gradients."""
-        with torch.no_grad():
-            return self.estimator.loss(self.model_fn, self.guide_fn, x)
+        # Not under no_grad: TraceEnum_ELBO's differentiable_loss refuses a loss without a graph.
+        return self.estimator.loss(self.model_fn, self.guide_fn, x).detach()
 
     def step(self, x) -> torch.Tensor:
         """One SVI step on batch x; returns the loss (summed over the batch) as a device tensor."""
         self.model.train(), self.guide.train()
-        loss = self.estimator.loss_and_grads(self.model_fn, self.guide_fn, x)
+        try:
+            loss = self.estimator.loss_and_grads(self.model_fn, self.guide_fn, x)
+        except ValueError as err:
+            # With Pyro's validation on (its default), a NaN or inf reaching a distribution's
+            # parameters or observed value raises here, before any loss exists.
+            if not _is_nonfinite_value_error(err):
+                raise
+            self._handle_nonfinite(torch.tensor(math.nan), cause=err)
+            return torch.tensor(math.nan, device=x.device)
         grad_norm = None
         if self.clip_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if self.step_count % self.nan_check_every == 0:
-            bad = not torch.isfinite(loss).all() or (
-                grad_norm is not None and not torch.isfinite(grad_norm)
-            )
+            if grad_norm is None:
+                # A finite loss can still have a NaN gradient (e.g. sqrt at 0); one step on it
+                # would make every parameter NaN.
+                grad_norm = _global_grad_norm(self.params)
+            bad = not torch.isfinite(loss).all() or not torch.isfinite(grad_norm)
             if bad:
                 self._handle_nonfinite(loss)
                 return loss
@@ -138,18 +156,23 @@ class Trainer:
         self.step_count += 1
         return loss
 
-    def _handle_nonfinite(self, loss):
+    def _handle_nonfinite(self, loss, cause=None):
         self.optimizer.zero_grad(set_to_none=True)
         value = loss.item() if loss.numel() == 1 else loss
+        where = (
+            "" if cause is None else " (a distribution got invalid, e.g. NaN, parameters or values)"
+        )
         message = (
-            f"non-finite loss or gradient ({value}) at step {self.step_count}; try a lower learning "
-            "rate, a gradient clip (clip_norm), or on_nan='rollback'"
+            f"non-finite loss or gradient ({value}) at step {self.step_count}{where}; try a lower "
+            "learning rate, a gradient clip (clip_norm), or on_nan='rollback'"
         )
         if self.on_nan == "raise" or self._good_state is None:
-            raise NonFiniteLossError(message)
+            raise NonFiniteLossError(message) from cause
         self.rollbacks += 1
         if self.rollbacks > self.max_rollbacks:
-            raise NonFiniteLossError(f"{message} ({self.max_rollbacks} rollbacks in a row)")
+            raise NonFiniteLossError(
+                f"{message} ({self.max_rollbacks} rollbacks in a row)"
+            ) from cause
         self._load_train_state(self._good_state)
 
     def _train_state(self):
@@ -178,6 +201,27 @@ class Trainer:
         self.step_count = state["step"]
         self.set_kl_weight(state["kl_weight"])
         set_rng_state(state["rng"])
+        # A rollback must go back to the loaded state, never to one from before the load.
+        self.rollbacks = 0
+        self._good_state = copy.deepcopy(self._train_state()) if self.on_nan == "rollback" else None
+
+
+def _is_nonfinite_value_error(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it wraps; Pyro re-raises with trace shapes) is torch's
+    distribution-argument check failing on invalid (here: NaN/inf) parameters or values."""
+    while err is not None:
+        if isinstance(err, ValueError) and "but found invalid values" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _global_grad_norm(params) -> torch.Tensor:
+    """The L2 norm of all gradients together (what ``clip_grad_norm_`` clips), on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def kl_weight_schedule(epoch: int, kl_weight: float, warmup_epochs: int) -> float:
