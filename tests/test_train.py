@@ -1,0 +1,286 @@
+"""The trainer: reproducibility, global-norm clipping, NaN guards, exact state, the KL weight.
+
+Tiny networks (D = 6, K = 3, z 2-d, hidden 8) on fixed binary data, a few steps each.
+"""
+
+import copy
+import io
+import math
+
+import pyro
+import pytest
+import torch
+
+from pyro_gmvae import GMVAE
+from pyro_gmvae.nets import set_validation
+from pyro_gmvae.train import NonFiniteLossError, Trainer, kl_weight_schedule
+
+D, K, B = 6, 3, 16
+
+
+def tiny_model(seed=0):
+    pyro.set_rng_seed(seed)
+    return GMVAE(data_dim=D, k=K, z_dim=2, hidden=(8, 8))
+
+
+def batches(n=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.bernoulli(torch.full((B, D), 0.4), generator=g) for _ in range(n)]
+
+
+def params_of(trainer):
+    return [p.detach().clone() for p in trainer.params]
+
+
+def assert_params_equal(a, b):
+    assert len(a) == len(b)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) or (torch.isnan(p).any() and torch.allclose(p, q, equal_nan=True))
+
+
+def test_seed_makes_a_cpu_run_reproducible():
+    runs = []
+    for seed in (0, 0, 1):
+        trainer = Trainer(tiny_model(), seed=seed)
+        losses = [trainer.step(x).item() for x in batches()]
+        runs.append((losses, params_of(trainer)))
+    assert runs[0][0] == runs[1][0]
+    assert_params_equal(runs[0][1], runs[1][1])
+    # The seed drives the z draws: another seed gives another trajectory.
+    assert runs[0][0][1:] != runs[2][0][1:]
+
+
+def test_clipping_is_by_global_norm():
+    clip = 0.05
+    trainer = Trainer(tiny_model(), optimizer="sgd", lr=1.0, clip_norm=clip)
+    x = batches(1)[0]
+    # The raw gradients, from the same random draws as the step below.
+    state = pyro.util.get_rng_state()
+    trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
+    raw = [p.grad.clone() for p in trainer.params]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    pyro.util.set_rng_state(state)
+
+    seen = []
+    trainer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append([p.grad.clone() for p in trainer.params])
+    )
+    before = params_of(trainer)
+    trainer.step(x)
+
+    total = torch.sqrt(sum((g**2).sum() for g in raw))
+    assert total > 10 * clip  # the clip is active
+    clipped = seen[0]
+    for g, c in zip(raw, clipped):
+        torch.testing.assert_close(c, g * (clip / total), rtol=1e-4, atol=1e-8)
+    # Global: the clipped gradients together have norm `clip`; per-tensor clipping (PyroOptim's
+    # clip_norm) would give each tensor norm min(|g_i|, clip) and a larger total.
+    assert torch.sqrt(sum((c**2).sum() for c in clipped)).item() == pytest.approx(clip, rel=1e-4)
+    per_tensor = torch.sqrt(sum(min(g.norm(), torch.tensor(clip)) ** 2 for g in raw))
+    assert per_tensor > 1.5 * clip
+    # SGD with lr = 1 subtracts exactly the clipped gradient.
+    for p0, p1, c in zip(before, params_of(trainer), clipped):
+        torch.testing.assert_close(p1, p0 - c)
+
+
+def test_inactive_clip_leaves_gradients_alone():
+    trainer = Trainer(tiny_model(), optimizer="sgd", lr=1.0, clip_norm=1e6)
+    x = batches(1)[0]
+    state = pyro.util.get_rng_state()
+    trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
+    raw = [p.grad.clone() for p in trainer.params]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    pyro.util.set_rng_state(state)
+    before = params_of(trainer)
+    trainer.step(x)
+    for p0, p1, g in zip(before, params_of(trainer), raw):
+        torch.testing.assert_close(p1, p0 - g)
+
+
+def test_nan_parameter_raises_without_updating():
+    trainer = Trainer(tiny_model())
+    with torch.no_grad():
+        trainer.model.decoder[-1].bias[0] = math.nan
+    before = params_of(trainer)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient .* at step 0"):
+        trainer.step(batches(1)[0])
+    assert_params_equal(before, params_of(trainer))
+    assert not trainer.optimizer.state  # Adam never stepped
+    assert all(p.grad is None for p in trainer.params)
+    assert trainer.step_count == 0
+
+
+@pytest.mark.parametrize("pyro_validation", [True, False])
+def test_nan_data_raises_without_updating(pyro_validation):
+    """With Pyro's validation on, the NaN stops a distribution's argument check in the forward
+    pass; with it off, the NaN reaches the loss. Both are a NonFiniteLossError."""
+    trainer = Trainer(tiny_model())
+    good, bad = batches(2)
+    bad[3, 2] = math.nan
+    trainer.step(good)
+    before = params_of(trainer)
+    adam = copy.deepcopy(trainer.optimizer.state_dict())
+    set_validation(False)  # else the model's input check refuses the batch first
+    try:
+        with pyro.validation_enabled(pyro_validation):
+            with pytest.raises(NonFiniteLossError, match="clip_norm") as info:
+                trainer.step(bad)
+    finally:
+        set_validation(True)
+    assert ("invalid, e.g. NaN" in str(info.value)) == pyro_validation
+    assert_params_equal(before, params_of(trainer))
+    after = trainer.optimizer.state_dict()["state"]
+    for i, s in adam["state"].items():
+        assert torch.equal(s["exp_avg"], after[i]["exp_avg"])
+        assert torch.equal(s["step"], after[i]["step"])
+    assert trainer.step_count == 1
+
+
+def test_nan_gradient_with_finite_loss_raises():
+    """A NaN in the gradients alone must also stop the step (no clip, so no norm computed)."""
+    trainer = Trainer(tiny_model())
+    weight = trainer.model.decoder[0].weight
+    weight.register_hook(lambda g: g * math.nan)
+    before = params_of(trainer)
+    with pytest.raises(NonFiniteLossError):
+        trainer.step(batches(1)[0])
+    assert_params_equal(before, params_of(trainer))
+
+
+def test_rollback_restores_the_last_good_state_and_gives_up_after_max_rollbacks():
+    trainer = Trainer(tiny_model(), on_nan="rollback", max_rollbacks=2)
+    xs = batches(4)
+    bad = xs[0].clone()
+    bad[0, 0] = math.nan
+    trainer.step(xs[0])
+    good_params = params_of(trainer)  # the state the next (good) step starts from
+    good_adam = copy.deepcopy(trainer.optimizer.state_dict())
+    trainer.step(xs[1])
+    assert trainer.step_count == 2
+    set_validation(False)
+    try:
+        for attempt in (1, 2):
+            loss = trainer.step(bad)
+            assert not torch.isfinite(loss)
+            assert trainer.rollbacks == attempt
+            assert_params_equal(good_params, params_of(trainer))
+            state = trainer.optimizer.state_dict()["state"]
+            for i, s in good_adam["state"].items():
+                assert torch.equal(s["exp_avg_sq"], state[i]["exp_avg_sq"])
+        with pytest.raises(NonFiniteLossError, match="2 rollbacks in a row"):
+            trainer.step(bad)
+        # "In a row": a good step resets the count.
+        trainer = Trainer(tiny_model(), on_nan="rollback", max_rollbacks=2)
+        for x in (xs[0], bad, bad, xs[1], bad, bad, xs[2]):
+            trainer.step(x)
+        assert trainer.rollbacks == 0 and trainer.step_count == 3
+        # No good state yet: nothing to go back to.
+        with pytest.raises(NonFiniteLossError):
+            Trainer(tiny_model(), on_nan="rollback").step(bad)
+    finally:
+        set_validation(True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"optimizer": "rmsprop"}, "unknown optimizer"),
+        ({"lr": 0.0}, "learning rate"),
+        ({"lr": -1e-3}, "learning rate"),
+        ({"on_nan": "ignore"}, "on_nan"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+        ({"clip_norm": -1.0}, "clip_norm"),
+        ({"nan_check_every": 0}, "nan_check_every"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+        ({"estimator": "nope"}, "estimator"),
+    ],
+)
+def test_invalid_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(tiny_model(), **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_a_cpu_machine_raises_clearly():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        Trainer(tiny_model(), device="cuda")
+
+
+@pytest.mark.parametrize("on_nan", ["raise", "rollback"])
+def test_state_dict_continues_exactly(on_nan):
+    xs, k = batches(6), 3
+    full = Trainer(tiny_model(), clip_norm=5.0, kl_weight=0.7, on_nan=on_nan)
+    full_losses = [full.step(x).item() for x in xs]
+
+    first = Trainer(tiny_model(), clip_norm=5.0, kl_weight=0.7, on_nan=on_nan)
+    losses = [first.step(x).item() for x in xs[:k]]
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    del first
+    # Another initialisation and seed: everything must come from the state.
+    second = Trainer(tiny_model(seed=5), clip_norm=5.0, kl_weight=0.3, seed=9, on_nan=on_nan)
+    second.load_state_dict(torch.load(buffer, weights_only=False))
+    assert second.step_count == k and second.kl_weight == 0.7
+    losses += [second.step(x).item() for x in xs[k:]]
+
+    assert losses == full_losses
+    assert_params_equal(params_of(full), params_of(second))
+    assert second.step_count == full.step_count == len(xs)
+
+
+def test_rollback_after_load_returns_to_the_loaded_state():
+    trainer = Trainer(tiny_model(), on_nan="rollback")
+    xs = batches(3)
+    trainer.step(xs[0])
+    state = copy.deepcopy(trainer.state_dict())
+    loaded = params_of(trainer)
+    trainer.step(xs[1])
+    trainer.load_state_dict(state)
+    bad = xs[2].clone()
+    bad[0, 0] = math.nan
+    set_validation(False)
+    try:
+        trainer.step(bad)
+    finally:
+        set_validation(True)
+    assert_params_equal(loaded, params_of(trainer))
+
+
+def test_kl_weight_scales_the_cluster_kl_exactly():
+    """loss(β) = reconstruction part + β Σ_b KL(q(y|x_b) || p(y)), with the same z draws."""
+    trainer = Trainer(tiny_model())
+    x = batches(1)[0]
+
+    def loss_at(beta):
+        trainer.set_kl_weight(beta)
+        pyro.set_rng_seed(7)
+        return trainer.loss(x).item()
+
+    losses = {beta: loss_at(beta) for beta in (0.0, 0.5, 1.0, 2.0, 3.0)}
+    q = trainer.guide.cluster_probs(x)
+    kl = (q * (q.log() - math.log(1 / K))).sum().item()  # prior uniform over K
+    assert kl > 0.01
+    for beta, value in losses.items():
+        assert value - losses[0.0] == pytest.approx(beta * kl, abs=2e-4)
+    # β also reaches the gradient step: a step's loss at β=2 is the same affine function.
+    trainer.set_kl_weight(2.0)
+    pyro.set_rng_seed(7)
+    assert trainer.step(x).item() == pytest.approx(losses[2.0], abs=1e-4)
+
+
+def test_free_bits_floor_the_cluster_kl():
+    """With λ above the KL, the cluster term is B·λ whatever q(y|x) is."""
+    model = tiny_model()
+    x = batches(1)[0]
+    plain = Trainer(model, kl_weight=0.0)  # β = 0: the reconstruction part only
+    pyro.set_rng_seed(7)
+    base = plain.loss(x).item()
+    floored = Trainer(model, free_bits=5.0)
+    pyro.set_rng_seed(7)
+    assert floored.loss(x).item() - base == pytest.approx(B * 5.0, abs=1e-3)
+
+
+def test_kl_weight_schedule():
+    assert [kl_weight_schedule(e, 1.0, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert kl_weight_schedule(0, 2.0, 0) == 2.0
