@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
@@ -29,7 +30,7 @@ DATASETS = ("mnist", "fashion-mnist", "svhn", "arcs")
 BINARIZE = ("dynamic", "none")
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change on resume without changing what the run computes.
-RESUMABLE_CHANGES = ("epochs", "device", "progress", "data_dir")
+RESUMABLE_CHANGES = ("epochs", "device", "progress", "data_dir", "out")
 
 
 @dataclasses.dataclass
@@ -79,6 +80,8 @@ class RunConfig:
             bad("dataset", f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
         if self.binarize not in BINARIZE:
             bad("binarize", f"choose one of {BINARIZE}, got {self.binarize!r}")
+        if self.dataset == "arcs" and self.binarize != "none":
+            bad("binarize", "the arcs dataset is real-valued 2-D points; use binarize='none'")
         if self.arch not in ("mlp", "conv"):
             bad("arch", f"choose 'mlp' or 'conv', got {self.arch!r}")
         if self.arch == "conv" and self.model != "gmvae_w":
@@ -241,6 +244,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
     train, test = load_data(cfg, device)
     _check_training_data(train, test, cfg)
+    # The networks' initial weights are drawn from the global RNG: seed it first, or two runs
+    # with the same seed start from different weights.
+    pyro.set_rng_seed(cfg.seed)
     model, guide = build_model(cfg, train.x.shape[1], train.image_shape)
     trainer = Trainer(
         model, guide, estimator=cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, clip_norm=cfg.clip_norm,
@@ -258,9 +264,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         (out / "metrics.jsonl").write_text("")
     else:
         trainer.load_state_dict(start["trainer"])
-        batches.set_state(
-            start["batches"].to(batches.device) if device.type != "cpu" else start["batches"]
-        )
+        # Every generator, a CUDA one too, takes its state as a CPU ByteTensor.
+        batches.set_state(start["batches"].cpu())
         epoch, elapsed = start["epoch"], start["elapsed"]
         _truncate_metrics(out, trainer.step_count)
 
@@ -275,7 +280,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             trainer.set_kl_weight(kl_weight_schedule(epoch, cfg.kl_weight, cfg.kl_warmup_epochs))
             if hasattr(trainer.guide, "set_epoch"):
                 trainer.guide.set_epoch(epoch)
-            loss_sum, n = torch.zeros((), device=device), 0
+            loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
             steps = iterate_minibatches(train.x, cfg.batch_size, batches, binarize=cfg.binarize)
             for x in tqdm(
                 steps,
@@ -284,12 +289,16 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 disable=not cfg.progress,
                 unit="step",
             ):
-                loss_sum += trainer.step(x)
-                n += x.shape[0]
+                loss = trainer.step(x)
+                # A step rolled back (on_nan="rollback") returns its non-finite loss: leave it
+                # out of the epoch's mean. Kept on the device: no host sync per step.
+                finite = torch.isfinite(loss)
+                loss_sum += torch.where(finite, loss, 0.0)
+                n += finite * x.shape[0]
             done = epoch + 1
             if done % cfg.eval_every == 0 or done == cfg.epochs:
                 last = _evaluate(
-                    cfg, trainer, test, done, loss_sum.item() / n, time.perf_counter() - t0
+                    cfg, trainer, test, done, (loss_sum / n).item(), time.perf_counter() - t0
                 )
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -350,7 +359,16 @@ def _load_checkpoint(out: Path, cfg: RunConfig) -> dict:
 
 def _truncate_metrics(out: Path, step: int) -> None:
     """Drop evaluations written after the checkpoint (a run killed between the two writes)."""
-    rows = [r for r in read_metrics(out) if r["step"] <= step]
+    path, rows = out / "metrics.jsonl", []
+    for line in (path.read_text() if path.exists() else "").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by the kill: the last one, written after the checkpoint
+        if row["step"] <= step:
+            rows.append(row)
     text = "".join(json.dumps(r) + "\n" for r in rows)
     tmp = out / "metrics.jsonl.tmp"
     tmp.write_text(text)
