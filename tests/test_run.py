@@ -1,0 +1,329 @@
+"""The run harness: run directory contents, exact resume, crash safety, refusals, load_run.
+
+Every run is the tiny GMVAE (8 hidden units, 2-d z, K = 5) on 100 arcs points in batches of 50:
+two steps and one evaluation (on 20 test points) per epoch.
+"""
+
+import dataclasses
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pyro_gmvae.run as R
+from pyro_gmvae.evaluate import cluster_probs
+from pyro_gmvae.run import RunConfig, load_run, read_metrics, run
+from pyro_gmvae.train import NonFiniteLossError, Trainer
+
+# The free-bits factor's ordering warning is expected (see pyro_gmvae.objectives).
+pytestmark = pytest.mark.filterwarnings('ignore:at guide site "cluster_kl_penalty"')
+
+METRIC_KEYS = {"epoch", "step", "time_s", "train_loss", "test_elbo", "acc_hungarian",
+               "acc_majority", "acc_aae", "nmi", "ari", "cond_entropy", "usage_entropy",
+               "clusters_used", "cluster_kl", "kl_weight"}  # fmt: skip
+STEPS_PER_EPOCH = 2
+
+
+def config(out, **overrides):
+    base = dict(model="gmvae", k=5, dataset="arcs", binarize="none", hidden=8, latent_dim=2,
+                limit=100, batch_size=50, eval_batch_size=100, epochs=4, kl_warmup_epochs=3,
+                progress=False, out=str(out))  # fmt: skip
+    return RunConfig(**{**base, **overrides})
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+
+class Killed(Exception):
+    """Stands in for the process dying."""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 4-epoch run; also keeps its trainer, to compare load_run with."""
+    out = tmp_path_factory.mktemp("reference")
+    trainers = []
+
+    class Recording(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(R, "Trainer", Recording)
+        summary = run(config(out))
+    return {"out": out, "rows": read_metrics(out), "trainer": trainers[0], "summary": summary}
+
+
+def test_run_directory_contents(reference):
+    out, rows = reference["out"], reference["rows"]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == [2, 4, 6, 8]
+    for row in rows:
+        assert METRIC_KEYS <= set(row)
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values())
+    assert [r["time_s"] for r in rows] == sorted(r["time_s"] for r in rows)
+    # KL warm-up over 3 epochs, then constant.
+    assert [r["kl_weight"] for r in rows] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+    saved = json.loads((out / "config.json").read_text())
+    cfg = config(out)
+    for field in dataclasses.fields(RunConfig):
+        assert saved[field.name] == getattr(cfg, field.name), field.name
+    assert saved["seed"] == 0
+    assert {"pyro", "torch", "numpy", "scipy", "sklearn", "python", "pyro_gmvae"} <= set(
+        saved["versions"]
+    )
+    assert R.load_config(out) == cfg
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epoch"] == 4 and summary["acc_hungarian"] == rows[-1]["acc_hungarian"]
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_same_seed_same_run_and_resume_after_epochs(reference, tmp_path):
+    run(config(tmp_path, epochs=2))
+    assert without_time(read_metrics(tmp_path)) == without_time(reference["rows"][:2])
+    run(config(tmp_path, epochs=4), resume=True)
+    assert without_time(read_metrics(tmp_path)) == without_time(reference["rows"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["test_elbo"] == reference["summary"]["test_elbo"]
+
+
+def test_resume_after_a_kill_mid_epoch(reference, tmp_path, monkeypatch):
+    calls = []
+    step = Trainer.step
+
+    def dying_step(self, x):
+        calls.append(None)
+        if len(calls) == 2 * STEPS_PER_EPOCH + 2:  # epoch 3, after its first step
+            raise Killed
+        return step(self, x)
+
+    monkeypatch.setattr(Trainer, "step", dying_step)
+    with pytest.raises(Killed):
+        run(config(tmp_path))
+    assert len(read_metrics(tmp_path)) == 2
+    monkeypatch.setattr(Trainer, "step", step)
+    run(config(tmp_path), resume=True)
+    assert without_time(read_metrics(tmp_path)) == without_time(reference["rows"])
+
+
+def test_checkpoint_write_killed_midway(reference, tmp_path, monkeypatch):
+    """The second checkpoint dies half written: the first stays whole, nothing partial is left,
+    and resume drops the evaluation written after the surviving checkpoint."""
+    real_save, saves = torch.save, []
+
+    def half_save(obj, f, *args, **kwargs):
+        saves.append(None)
+        if len(saves) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise Killed
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(Killed):
+        run(config(tmp_path))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint.pt", "config.json", "metrics.jsonl",
+    ]  # fmt: skip
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["trainer"]["step"] == STEPS_PER_EPOCH
+    assert len(read_metrics(tmp_path)) == 2  # epoch 2 was evaluated, never checkpointed
+    run(config(tmp_path), resume=True)
+    assert without_time(read_metrics(tmp_path)) == without_time(reference["rows"])
+
+
+def test_checkpoint_write_killed_by_a_signal(tmp_path):
+    """SIGKILL inside atomic_save (no cleanup runs): checkpoint.pt is still the old file."""
+    script = textwrap.dedent(
+        """
+        import io, os, signal, sys
+        import torch
+        from pyro_gmvae.run import atomic_save
+
+        path = sys.argv[1]
+        atomic_save({"version": 1}, path)
+        real_save = torch.save
+
+        def dying_save(obj, f):
+            buffer = io.BytesIO()
+            real_save(obj, buffer)
+            f.write(buffer.getvalue()[:100])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        torch.save = dying_save
+        atomic_save({"version": 2, "weights": torch.zeros(10_000)}, path)
+        """
+    )
+    path = tmp_path / "checkpoint.pt"
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True)
+    assert done.returncode == -9, done.stderr.decode()
+    assert torch.load(path, weights_only=False) == {"version": 1}
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "checkpoint.pt"]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # never named checkpoint.pt
+
+
+def test_refusals_and_a_moved_run(reference, tmp_path, monkeypatch):
+    moved = tmp_path / "moved"
+    shutil.copytree(reference["out"], moved)
+    with pytest.raises(ValueError, match=r"settings differ .*\['lr'\]"):
+        run(config(moved, lr=1e-2), resume=True)
+    with pytest.raises(ValueError, match=r"\['hidden', 'k'\]"):
+        run(config(moved, k=4, hidden=16), resume=True)
+    with pytest.raises(FileExistsError, match="resume"):
+        run(config(moved))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run(config(tmp_path / "empty"), resume=True)
+    # A copied run directory resumes under its new path; finished, it trains no further.
+    monkeypatch.setattr(Trainer, "step", lambda self, x: pytest.fail("trained again"))
+    summary = run(config(moved), resume=True)
+    assert summary["epoch"] == 4 and summary["run_dir"] == str(moved)
+    assert read_metrics(moved) == reference["rows"]
+
+
+def test_load_run_gives_the_trained_model(reference):
+    model, guide = load_run(reference["out"])
+    assert not model.training and not guide.training
+    trainer = reference["trainer"]
+    x = R.make_arcs(50, seed=3).x
+    torch.testing.assert_close(cluster_probs(guide, x), cluster_probs(trainer.guide, x))
+    for a, b in zip(model.state_dict().values(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_load_run_gmvae_w_with_batchnorm_and_iw_summary(tmp_path, monkeypatch):
+    trainers = []
+    init = Trainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        trainers.append(self)
+
+    monkeypatch.setattr(Trainer, "__init__", recording_init)
+    cfg = config(tmp_path, model="gmvae_w", w_dim=2, epochs=1, kl_warmup_epochs=0, iw_samples=3)
+    summary = run(cfg)
+    assert summary["test_elbo"] < summary["test_iw_bound"]
+    model, guide = load_run(tmp_path)
+    running_mean = guide.recogniser[1].running_mean
+    assert not torch.equal(running_mean, torch.zeros_like(running_mean))
+    x = R.make_arcs(30, seed=3).x
+    torch.testing.assert_close(cluster_probs(guide, x), cluster_probs(trainers[0].guide, x))
+
+
+@pytest.mark.parametrize(
+    "overrides, flag",
+    [
+        ({"k": 1}, "k"),
+        ({"dataset": "cifar"}, "dataset"),
+        ({"model": "vade"}, "model"),
+        ({"arch": "conv", "dataset": "mnist"}, "arch"),
+        ({"likelihood": "bernoulli"}, "likelihood"),
+        ({"binarize": "dynamic"}, "binarize"),
+        ({"limit": 40}, "limit"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"on_nan": "skip"}, "on_nan"),
+        ({"w_dim": 3}, "w_dim"),
+        ({"hidden": -1}, "hidden"),
+        ({"mc_samples": 0}, "mc_samples"),
+        ({"free_bits": -0.5}, "free_bits"),
+    ],
+)
+def test_validate_names_the_flag(overrides, flag, tmp_path):
+    cfg = config(tmp_path / "never", **overrides)
+    with pytest.raises(ValueError, match=rf"^{flag}\b"):
+        cfg.validate()
+    with pytest.raises(ValueError, match=rf"^{flag}\b"):
+        run(cfg)
+    assert not (tmp_path / "never").exists()  # refused before any work
+
+
+def test_free_bits_and_warm_up_reach_the_loss(tmp_path):
+    """With a learning rate too small to move the weights, free bits λ add λ - KL per point."""
+    lam = 10.0
+    common = dict(epochs=1, lr=1e-9, kl_warmup_epochs=0)
+    plain = run(config(tmp_path / "plain", **common))
+    floored = run(config(tmp_path / "floored", free_bits=lam, progress=True, **common))
+    gap = floored["train_loss"] - plain["train_loss"]
+    assert lam - math.log(5) <= gap <= lam
+    assert floored["test_elbo"] == pytest.approx(plain["test_elbo"], abs=1e-4)  # plain ELBO
+    warm = run(config(tmp_path / "warm", **{**common, "kl_warmup_epochs": 4}))
+    assert warm["kl_weight"] == 0.25
+    # β = 1/4 removes 3/4 of the cluster KL (<= log K per point) from the loss.
+    assert 0 < plain["train_loss"] - warm["train_loss"] <= 0.75 * math.log(5)
+
+
+def test_nan_data_raise_before_training(tmp_path, monkeypatch):
+    load = R.load_data
+
+    def nan_data(cfg, device):
+        train, test = load(cfg, device)
+        train.x[7, 1] = math.nan
+        return train, test
+
+    monkeypatch.setattr(R, "load_data", nan_data)
+    monkeypatch.setattr(Trainer, "step", lambda self, x: pytest.fail("trained on NaN data"))
+    with pytest.raises(ValueError, match="NaN"):
+        run(config(tmp_path))
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("on_nan", ["raise", "rollback"])
+def test_a_nan_batch_during_a_run(on_nan, tmp_path, monkeypatch):
+    iterate = R.iterate_minibatches
+
+    def poisoned(*args, **kwargs):
+        for i, x in enumerate(iterate(*args, **kwargs)):
+            if i == 1:
+                x = x.clone()
+                x[0, 0] = math.nan
+            yield x
+
+    monkeypatch.setattr(R, "iterate_minibatches", poisoned)
+    cfg = config(tmp_path, epochs=1, kl_warmup_epochs=0, on_nan=on_nan)
+    if on_nan == "raise":
+        with pytest.raises(NonFiniteLossError, match="step 1"):
+            run(cfg)
+        return
+    summary = run(cfg)
+    # The rolled-back step is left out of the step count and of the mean training loss.
+    assert summary["step"] == STEPS_PER_EPOCH - 1
+    assert math.isfinite(summary["train_loss"])
+
+
+def test_atomic_save_leaves_no_temporary_file_on_error(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    R.atomic_save({"a": 1}, path)
+
+    def failing(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing)
+    with pytest.raises(OSError, match="disk full"):
+        R.atomic_save({"a": 2}, path)
+    assert os.listdir(tmp_path) == ["state.pt"]
+    monkeypatch.undo()
+    assert torch.load(path) == {"a": 1}
+
+
+def test_truncate_metrics_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
+    rows = [{"epoch": e, "step": 2 * e} for e in (1, 2, 3)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 4, "st'
+    (tmp_path / "metrics.jsonl").write_text(text)
+    R._truncate_metrics(tmp_path, 4)
+    assert read_metrics(tmp_path) == rows[:2]
