@@ -30,10 +30,12 @@ Normalizing flows (Rezende & Mohamed 2015) make q(z|x,y) richer than a diagonal 
     z = f_T \circ \dots \circ f_1(u), \quad
     \log q(z|x,y) = \log \mathcal N(u) - \textstyle\sum_t \log\lvert\det \partial f_t/\partial u_{t-1}\rvert .
 
-Shu's hypothesis for why unsupervised M2 collapses (q(y|x) uniform): the model M2 "prefers a
-mixture variational family over a mixture data manifold" — with q(z|x,y) Gaussian per y, the
-mixture over y is the only way q(z|x) can be multimodal, which M2 does not need. A richer
-q(z|x,y) (flows) is one way to test whether that changes which solution M2 picks.
+Shu's hypothesis for why unsupervised M2 collapses (q(y|x) uniform, H(Y|X) = log K): M2
+"prefers a mixture variational family over mixture data manifolds". A uniform q(y|x) costs no
+KL and makes q(z|x) = (1/K) Σ_y q(z|x,y) a K-component mixture of Gaussians, so M2 spends y on a
+richer variational family instead of on the clusters of the data. A q(z|x,y) that is rich
+already (flows) removes that use of y, which may let y capture the clusters
+(``examples/compare_guides.py`` tests this).
 """
 
 import math
@@ -53,6 +55,12 @@ FLOWS = ("iaf", "spline", "cond_iaf", "cond_spline")
 JARIASF_ANNEAL_RATE = math.log(2) / 50  # jariasf/GMVAE's 0.013862944: τ halves in 50 epochs
 
 
+def _default_hidden(kind, dim, cap=512):
+    """Pyro's default hidden widths for each flow kind, capped at ``cap`` units."""
+    widths = {"iaf": [3 * dim + 1], "cond_iaf": [10 * dim]}.get(kind, [10 * dim, 10 * dim])
+    return [min(w, cap) for w in widths]
+
+
 class Flow(nn.Module):
     r"""``depth`` invertible maps from ``pyro.distributions.transforms`` on a ``dim``-vector.
 
@@ -69,7 +77,8 @@ class Flow(nn.Module):
       also read a context vector of size ``context_dim``.
 
     Every layer draws its own random autoregressive order (Pyro's default), so stacked layers
-    do not all condition on the same prefix. ``hidden`` None takes Pyro's default sizes.
+    do not all condition on the same prefix. ``hidden`` None takes Pyro's default widths capped
+    at 512 units (uncapped, a spline on gmvae_w's 200-d x would have two 2000-unit layers).
     """
 
     def __init__(self, kind, dim, depth=2, hidden=None, context_dim=None, count_bins=8, bound=5.0):
@@ -81,7 +90,7 @@ class Flow(nn.Module):
         self.kind, self.conditional = kind, kind.startswith("cond_")
         if self.conditional and not context_dim:
             raise ValueError(f"flow {kind!r} needs a context_dim")
-        hidden = None if hidden is None else [int(h) for h in hidden]
+        hidden = _default_hidden(kind, dim) if hidden is None else [int(h) for h in hidden]
         spline = dict(count_bins=count_bins, bound=bound)
         make = {
             "iaf": lambda: T.affine_autoregressive(dim, hidden),
@@ -240,7 +249,11 @@ class RelaxedGuide(FlowGuide):
 
     The model's cluster site is a one-hot ``OneHotCategorical``, which cannot score a relaxed
     value: wrap the model with :func:`relax_cluster_prior` (same site, same temperature) so the
-    KL term compares two Concrete densities at the same τ.
+    KL term compares two Concrete densities at the same τ (the ``relaxed`` estimator does this).
+
+    In eval mode (``guide.eval()``) the relaxation is off: y ~ q(y|x) is one-hot and enumerated
+    exactly as in :class:`MeanFieldGuide`, so evaluation reports the discrete ELBO of the same
+    networks with the unmodified model, comparable with every other guide.
     """
 
     name = "relaxed"
@@ -287,6 +300,9 @@ class RelaxedGuide(FlowGuide):
         return cls(tau, logits=logits)
 
     def sample_cluster(self, x):
+        if not self.training:
+            # Evaluation scores the discrete model: y ~ q(y|x), enumerated as in MeanFieldGuide.
+            return super().sample_cluster(x)
         # No "enumerate" flag: the relaxed y is continuous, sampled with a reparameterised draw.
         return pyro.sample(self.cluster_site, self.cluster_dist(x))
 

@@ -394,3 +394,53 @@ def test_relaxed_guide_trains_with_trace_elbo(straight_through):
         nonzero_grads(guide, model)
         opt.step()
     assert guide.temperature == pytest.approx(2 ** (-1))
+
+
+def test_relaxed_guide_in_eval_mode_is_the_discrete_guide():
+    """guide.eval() turns the relaxation off: the discrete ELBO of the same networks, with the
+    unmodified model, equal to that of a mean-field guide holding the same weights."""
+    model = tiny_model("gmvae")
+    guide = make_guide("relaxed", model).eval()
+    x = binary_data()
+    site = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x).nodes["y"]
+    assert isinstance(site["fn"], dist.OneHotCategorical)
+    assert site["infer"]["enumerate"] == "parallel" and site["value"].shape == (K, 1, K)
+    mean_field = make_guide("mean_field", model)
+    mean_field.load_state_dict(guide.state_dict())
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(1)
+    loss = elbo.loss(model.model, guide, x)
+    pyro.set_rng_seed(1)
+    assert loss == pytest.approx(elbo.loss(model.model, mean_field, x), rel=1e-6)
+    guide.train()
+    assert not poutine.trace(guide).get_trace(x).nodes["y"]["infer"].get("enumerate")
+
+
+def test_default_flow_widths_are_capped():
+    model = make_model("gmvae_w", data_dim=D, k=K, x_dim=60, w_dim=2, hidden=8)
+    guide = make_guide("cond_spline", model)
+    widths = [
+        m.out_features for m in guide.x_flow.layers[0].modules() if isinstance(m, torch.nn.Linear)
+    ]
+    assert widths[:2] == [512, 512]
+    guide = make_guide("iaf", tiny_model("gmvae"))
+    widths = [
+        m.out_features for m in guide.flow.layers[0].modules() if isinstance(m, torch.nn.Linear)
+    ]
+    assert widths[0] == 3 * 3 + 1  # Pyro's default, under the cap
+
+
+@pytest.mark.parametrize(
+    "guide_name,model_name", [("cond_spline", "gmvae"), ("cond_iaf", "gmvae_w"), ("relaxed", "m2")]
+)
+def test_evaluation_works_with_flow_and_relaxed_guides(guide_name, model_name):
+    """The harness's test ELBO and importance-weighted bound (S draws in a plate left of the
+    data plate, cluster fixed by conditioning) accept flow and relaxed guides."""
+    from pyro_gmvae.evaluate import elbo, iw_log_likelihood
+
+    model = tiny_model(model_name)
+    guide = make_guide(guide_name, model, **guide_kwargs(guide_name))
+    x = binary_data()
+    test_elbo, bound = elbo(model, guide, x), iw_log_likelihood(model, guide, x, num_samples=3)
+    assert math.isfinite(test_elbo) and math.isfinite(bound)
+    assert guide.training  # evaluation restores the mode
