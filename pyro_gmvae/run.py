@@ -7,6 +7,7 @@ hardware). ``resume=True`` continues from the checkpoint and reproduces, on CPU,
 ``metrics.jsonl`` an uninterrupted run writes (up to the wall-clock ``time_s``).
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -302,7 +303,6 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 )
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(last) + "\n")
-                # Saved after the evaluation, whose random draws the next epoch continues from.
                 atomic_save(
                     {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": done,
                      "elapsed": time.perf_counter() - t0, "config": cfg.to_dict()},
@@ -316,9 +316,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
     summary = dict(last)
     if cfg.iw_samples:
-        summary["test_iw_bound"] = iw_log_likelihood(
-            trainer.model, trainer.guide, test.x, cfg.iw_samples
-        )
+        with _evaluation_rng(cfg, device):
+            summary["test_iw_bound"] = iw_log_likelihood(
+                trainer.model, trainer.guide, test.x, cfg.iw_samples
+            )
     summary.update(wall_time_s=time.perf_counter() - t0, run_dir=str(out), hardware=hardware(device),
                    model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset)  # fmt: skip
     write_json(summary, out / "summary.json")
@@ -336,8 +337,19 @@ def _check_training_data(train, test, cfg: RunConfig) -> None:
         raise ValueError(f"batch_size {cfg.batch_size} exceeds the {len(train)} training points")
 
 
+@contextlib.contextmanager
+def _evaluation_rng(cfg: RunConfig, device):
+    """Evaluation draws from its own stream, the same at every evaluation (common random
+    numbers across epochs), and leaves training's stream as it found it: the training run does
+    not depend on when, or on how much data, it is evaluated."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        yield
+
+
 def _evaluate(cfg, trainer, test, epoch, train_loss, time_s) -> dict:
-    report = evaluate(trainer.model, trainer.guide, test.x, test.labels, cfg.eval_batch_size)
+    with _evaluation_rng(cfg, trainer.device):
+        report = evaluate(trainer.model, trainer.guide, test.x, test.labels, cfg.eval_batch_size)
     row = {"epoch": epoch, "step": trainer.step_count, "time_s": time_s, "train_loss": train_loss}
     row.update(report)
     row["kl_weight"] = trainer.kl_weight
