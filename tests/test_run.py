@@ -98,6 +98,18 @@ def test_same_seed_same_run_and_resume_after_epochs(reference, tmp_path):
     assert summary["test_elbo"] == reference["summary"]["test_elbo"]
 
 
+def test_training_does_not_depend_on_the_evaluations(reference, tmp_path):
+    """Evaluation draws from its own stream: evaluating every 2 epochs, and once more at the
+    end of a 3-epoch run that is then extended, leaves the training trajectory unchanged."""
+    run(config(tmp_path, epochs=3, eval_every=2))
+    run(config(tmp_path, epochs=4, eval_every=2), resume=True)
+    rows = read_metrics(tmp_path)
+    assert [r["epoch"] for r in rows] == [2, 3, 4]
+    expected = reference["rows"]
+    assert without_time([rows[0], rows[2]]) == without_time([expected[1], expected[3]])
+    assert without_time(rows[1:2])[0]["test_elbo"] == expected[2]["test_elbo"]
+
+
 def test_resume_after_a_kill_mid_epoch(reference, tmp_path, monkeypatch):
     calls = []
     step = Trainer.step
