@@ -113,6 +113,8 @@ class Trainer:
 
     def set_kl_weight(self, kl_weight: float) -> None:
         """Set β (e.g. once per epoch for KL annealing); λ stays as given."""
+        # One clear error now for an estimator whose gradients β or λ would corrupt.
+        self.estimator.check_cluster_objective(kl_weight, self.free_bits)
         self.kl_weight = kl_weight
         self.model_fn, self.guide_fn = cluster_objective(
             self.model.model, self.guide, getattr(self.guide, "cluster_site", self.model.cluster_site),
@@ -191,6 +193,7 @@ class Trainer:
         """Model, guide, optimiser, step count, β and RNG state: enough to continue exactly."""
         return {
             **self._train_state(),
+            "estimator": self.estimator.state_dict(),  # e.g. graph's baseline
             "step": self.step_count,
             "kl_weight": self.kl_weight,
             "rng": rng_state(),
@@ -198,6 +201,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self._load_train_state(state)
+        self.estimator.load_state_dict(state.get("estimator", {}))
         self.step_count = state["step"]
         self.set_kl_weight(state["kl_weight"])
         set_rng_state(state["rng"])
