@@ -209,22 +209,27 @@ def test_cuda_on_a_cpu_machine_raises_clearly():
         Trainer(tiny_model(), device="cuda")
 
 
-@pytest.mark.parametrize("on_nan", ["raise", "rollback"])
-def test_state_dict_continues_exactly(on_nan):
+@pytest.mark.parametrize(
+    "on_nan, estimator, kl_weight",
+    [("raise", "enum", 0.7), ("rollback", "enum", 0.7), ("raise", "graph", 1.0)],
+)
+def test_state_dict_continues_exactly(on_nan, estimator, kl_weight):
+    """Also the estimator's own state: graph's decaying baseline."""
     xs, k = batches(6), 3
-    full = Trainer(tiny_model(), clip_norm=5.0, kl_weight=0.7, on_nan=on_nan)
+    kw = dict(clip_norm=5.0, kl_weight=kl_weight, on_nan=on_nan, estimator=estimator)
+    full = Trainer(tiny_model(), **kw)
     full_losses = [full.step(x).item() for x in xs]
 
-    first = Trainer(tiny_model(), clip_norm=5.0, kl_weight=0.7, on_nan=on_nan)
+    first = Trainer(tiny_model(), **kw)
     losses = [first.step(x).item() for x in xs[:k]]
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     del first
     # Another initialisation and seed: everything must come from the state.
-    second = Trainer(tiny_model(seed=5), clip_norm=5.0, kl_weight=0.3, seed=9, on_nan=on_nan)
+    second = Trainer(tiny_model(seed=5), **{**kw, "kl_weight": 1.0}, seed=9)
     second.load_state_dict(torch.load(buffer, weights_only=False))
-    assert second.step_count == k and second.kl_weight == 0.7
+    assert second.step_count == k and second.kl_weight == kl_weight
     losses += [second.step(x).item() for x in xs[k:]]
 
     assert losses == full_losses
@@ -282,6 +287,14 @@ def test_free_bits_floor_the_cluster_kl():
     floored = Trainer(model, free_bits=5.0)
     pyro.set_rng_seed(7)
     assert floored.loss(x).item() - base == pytest.approx(B * 5.0, abs=1e-3)
+
+
+def test_kl_weight_refused_by_an_estimator_it_would_corrupt():
+    with pytest.raises(ValueError, match="does not support a KL weight"):
+        Trainer(tiny_model(), estimator="score", kl_weight=0.5)
+    trainer = Trainer(tiny_model(), estimator="score")
+    with pytest.raises(ValueError, match="does not support a KL weight"):
+        trainer.set_kl_weight(0.5)
 
 
 def test_kl_weight_schedule():
