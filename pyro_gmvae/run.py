@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from . import MODELS, make_model
 from .data import binarize_fixed, iterate_minibatches, load_dataset, make_arcs
+from .estimators import ESTIMATORS
 from .evaluate import evaluate, iw_log_likelihood
-from .guides import make_guide
+from .guides import GUIDE_FITS, GUIDES, make_guide
 from .nets import set_validation
-from .train import Trainer, kl_weight_schedule, resolve_device
+from .train import OPTIMIZERS, Trainer, kl_weight_schedule, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "svhn", "arcs")
 BINARIZE = ("dynamic", "none")
@@ -120,6 +121,26 @@ class RunConfig:
             bad("iw_samples/kl_warmup_epochs", "must be >= 0")
         if self.limit is not None and self.limit < self.batch_size:
             bad("limit", f"keeps {self.limit} points, fewer than one batch of {self.batch_size}")
+        if self.guide is not None and self.guide not in GUIDES:
+            bad("guide", f"unknown guide {self.guide!r}; choose one of {sorted(GUIDES)}")
+        if self.guide is not None and self.model not in GUIDE_FITS[self.guide]:
+            fitting = sorted(g for g, fits in GUIDE_FITS.items() if self.model in fits)
+            bad(
+                "guide",
+                f"{self.guide!r} does not fit model {self.model!r}; guides that fit: {fitting}",
+            )
+        if self.estimator not in ESTIMATORS:
+            bad(
+                "estimator",
+                f"unknown estimator {self.estimator!r}; choose one of {sorted(ESTIMATORS)}",
+            )
+        if self.optimizer not in OPTIMIZERS:
+            bad(
+                "optimizer",
+                f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}",
+            )
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            bad("clip_norm", f"must be > 0 or None, got {self.clip_norm}")
         if self.on_nan not in ("raise", "rollback"):
             bad("on_nan", f"choose 'raise' or 'rollback', got {self.on_nan!r}")
         return self
