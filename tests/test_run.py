@@ -253,6 +253,11 @@ def test_load_run_gmvae_w_with_batchnorm_and_iw_summary(tmp_path, monkeypatch):
         ({"hidden": -1}, "hidden"),
         ({"mc_samples": 0}, "mc_samples"),
         ({"free_bits": -0.5}, "free_bits"),
+        ({"guide": "nope"}, "guide"),
+        ({"guide": "exact_posterior"}, "guide"),  # gmvae_w's guide, on gmvae
+        ({"estimator": "nope"}, "estimator"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+        ({"clip_norm": 0.0}, "clip_norm"),
     ],
 )
 def test_validate_names_the_flag(overrides, flag, tmp_path):
