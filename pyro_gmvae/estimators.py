@@ -39,7 +39,9 @@ import torch
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.rws import ReweightedWakeSleep
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import is_identically_zero
+from pyro.infer.tracetmc_elbo import _compute_tmc_factors
+from pyro.infer.util import compute_site_dice_factor, is_identically_zero
+from pyro.ops.contract import einsum
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 
@@ -121,6 +123,7 @@ class ClusterGuard(Messenger):
                     f"reparameterised RelaxedOneHotCategorical (a relaxed guide); this guide's is "
                     f"{type(fn).__name__}"
                     + (" (enumerated)" if msg["infer"].get("enumerate") else "")
+                    + " (the relaxed guide enumerates y in eval mode: evaluate with 'enum')"
                 )
             self.temperature = getattr(fn, "temperature", None)
             return
@@ -546,6 +549,52 @@ _UNTRAINED_ENCODER = (
 )
 
 
+def _tmc_dice_factors(model_trace, guide_trace):
+    """TraceTMC_ELBO's DiCE factors, without one for an exhaustively enumerated model site.
+
+    Pyro 1.9's version also gives such a site (c of gmvae_w with guide ``model_enum``) a DiCE
+    factor log p(c) on top of its log-prob factor, so the bound sums p(c)² instead of p(c)
+    (with a uniform prior: off by log K per point). Its log-prob factor is its whole weight.
+    """
+    log_probs = []
+    for role, trace in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"]:
+                continue
+            if role == "model" and name in guide_trace:
+                continue
+            enumerated = site["infer"].get("enumerate") and site["infer"].get("num_samples") is None
+            if role == "model" and enumerated:
+                continue
+            log_prob, log_denom = compute_site_dice_factor(site)
+            if not is_identically_zero(log_denom):
+                dims = log_prob._pyro_dims
+                log_prob = log_prob - log_denom
+                log_prob._pyro_dims = dims
+            if not is_identically_zero(log_prob):
+                log_probs.append(log_prob)
+    return log_probs
+
+
+class _TraceTMC(pyro.infer.TraceTMC_ELBO):
+    """TraceTMC_ELBO with :func:`_tmc_dice_factors` (the contraction is Pyro's own)."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbo = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            factors = _compute_tmc_factors(model_trace, guide_trace)
+            factors += _tmc_dice_factors(model_trace, guide_trace)
+            eqn = ",".join(f._pyro_dims for f in factors) + "->"
+            plates = "".join(
+                frozenset(model_trace.plate_to_symbol.values())
+                | frozenset(guide_trace.plate_to_symbol.values())
+            )
+            (tmc,) = einsum(eqn, *factors, plates=plates, backend="pyro.ops.einsum.torch_log",
+                            modulo_total=False)  # fmt: skip
+            elbo = elbo + tmc
+        return -elbo / self.num_particles
+
+
 class TMCEstimator(Estimator):
     r"""``tmc``: the tensor Monte Carlo bound (Aitchison 2019; TraceTMC_ELBO).
 
@@ -560,13 +609,15 @@ class TMCEstimator(Estimator):
     only guides without their own cluster encoder: gmvae_w's ``exact_posterior`` (q(c) is the
     model's exact posterior, trained through the model's terms) and ``model_enum``. The
     mean-field guide's q(y|x) would get zero gradient: refused. No KL weight or free bits.
+    Pyro's TraceTMC_ELBO counts a model-enumerated cluster's prior twice; :class:`_TraceTMC`
+    fixes that (the test checks the bound against a hand computation).
     """
 
     supports_cluster_objective = False
     refused_placements = {"learned": _UNTRAINED_ENCODER}
 
     def _make_elbo(self):
-        return pyro.infer.TraceTMC_ELBO(max_plate_nesting=1)
+        return _TraceTMC(max_plate_nesting=1)
 
     def loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
