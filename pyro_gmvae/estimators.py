@@ -4,18 +4,21 @@ Every estimator trains the same kind of pair: a model p(x, y, z) with a discrete
 a guide q(y|x) q(z|x,y) (or gmvae_w's q(x, w|obs) with c exact or left to the model). They
 differ in how the sum over y is handled:
 
-==============  ===========================================  ==========================  =========
-name            objective (per data point)                   cluster-encoder gradient    cost
-==============  ===========================================  ==========================  =========
-``enum``        ELBO, y summed exactly (TraceEnum_ELBO)      exact (sum over K)          K passes
-``enum-jit``    the same, compiled (JitTraceEnum_ELBO)       exact                       K, jitted
-``score``       ELBO, y ~ q(y|x) sampled (Trace_ELBO)        score function (REINFORCE)  1 pass
-``graph``       ELBO, y sampled (TraceGraph_ELBO)            score fn + decaying baseline 1 pass
-``relaxed``     relaxed ELBO, y ~ Concrete(q, τ)             pathwise (biased for τ > 0) 1 pass
-``tmc``         tensor Monte Carlo bound (TraceTMC_ELBO)     none: refused if q(y|x)      K·S
-``iwae-enum``   stratified IW bound, y summed exactly        wake-phi KL(w̄ ‖ q(y|x))    K·S
-``rws``         IW bound, y sampled (reweighted wake-sleep)  wake-phi                    S passes
-==============  ===========================================  ==========================  =========
+=============  ========================================  ================================  =====
+name           objective (per data point)                gradient for the cluster encoder  cost
+=============  ========================================  ================================  =====
+``enum``       ELBO, y summed exactly (TraceEnum_ELBO)   exact (sum over K)                K·M
+``enum-jit``   the same, compiled (JitTraceEnum_ELBO)    exact                             K·M
+``score``      ELBO, y ~ q(y|x) sampled (Trace_ELBO)     score function (REINFORCE)        M
+``graph``      ELBO, y sampled (TraceGraph_ELBO)         score function with a baseline    M
+``relaxed``    relaxed ELBO, y ~ Concrete(q(y|x), τ)     pathwise (biased for the ELBO)    M
+``tmc``        tensor Monte Carlo bound (TraceTMC_ELBO)  zero for a q(y|x): refused        K·S^n
+``iwae-enum``  stratified IW bound, y summed exactly     wake-phi, KL(w ‖ q(y|x))          K·S
+``rws``        IW bound, y sampled (wake-sleep)          wake-phi                          S
+=============  ========================================  ================================  =====
+
+(cost: decoder passes per data point; M = ``num_particles`` ELBO draws, S = ``num_particles``
+importance samples, n = the number of continuous guide sites.)
 
 Rule: no estimator silently leaves the cluster encoder untrained. A model/guide pair an
 estimator cannot train is refused with a ``ValueError`` by :func:`make_estimator` (when given the
