@@ -22,6 +22,7 @@ Example (the reduced CPU budget of docs/results.md)::
 """
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -36,7 +37,7 @@ TABLE = (
     ("acc_majority", "acc. majority (%)", 100),
     ("acc_hungarian", "acc. Hungarian (%)", 100),
     ("nmi", "NMI", 1),
-    ("cond_entropy", "H(Y|X) (nats)", 1),
+    ("cond_entropy", "H(Y\\|X) (nats)", 1),  # the pipe escaped for markdown
     ("neg_test_elbo", "test −ELBO (nats)", 1),
     ("clusters_used", "clusters used", 1),
     ("wall_time_s", "wall time (s)", 1),
@@ -68,30 +69,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def limit_test_set(n):
-    """Make :func:`pyro_gmvae.run.run` evaluate on the first ``n`` test points only.
+@contextlib.contextmanager
+def first_test_points(n):
+    """While active, :func:`pyro_gmvae.run.run` evaluates on the first ``n`` test points only.
 
     RunConfig has no test-set limit, and on a shared CPU the per-epoch evaluation of all 10k
     test images (K decoder passes each) costs more than an epoch of a reduced training budget.
+    ``n`` None changes nothing. The library function is restored on exit.
     """
     import pyro_gmvae.run as run_module
 
-    load = getattr(run_module.load_data, "__wrapped__", run_module.load_data)
+    load = run_module.load_data
+    if n:
 
-    def load_data(cfg, device):
-        train, test = load(cfg, device)
-        return train, test.subset(n)
+        def load_data(cfg, device):
+            train, test = load(cfg, device)
+            return train, test.subset(n)
 
-    load_data.__wrapped__ = load
-    run_module.load_data = load_data
+        run_module.load_data = load_data
+    try:
+        yield
+    finally:
+        run_module.load_data = load
 
 
 def train_all(args) -> dict:
     """{model: [run_dir per seed]}; a finished run is reused, an interrupted one resumed."""
     from pyro_gmvae.run import RunConfig, run
-
-    if args.test_limit:
-        limit_test_set(args.test_limit)
 
     out = Path(args.out)
     dirs = {}
@@ -191,7 +195,8 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    dirs = train_all(args)
+    with first_test_points(args.test_limit):
+        dirs = train_all(args)
     plot_curves(dirs, args.k, out / "curves.png")
     table, summaries = final_table(dirs)
     std = "population std (numpy default)"
