@@ -6,6 +6,8 @@ weights (see ``benchmarks/README.md``):
 * ``pyro``: ``Estimator.loss_and_grads`` (TraceEnum_ELBO) + ``torch.optim.Adam.step``, as the
   trainer does, with Pyro's validation at its default (on);
 * ``pyro_noval``: the same inside ``pyro.validation_enabled(False)``;
+* ``pyro_model_enum`` (gmvae_w): the same guide modules with the cluster left to the model
+  (``cluster="model"``), validation off;
 * ``reference``: the hand-written enumerated loss (``benchmarks/reference.py``) + the same Adam step,
   with the factorised first layer W_x x + W_y y;
 * ``naive``: the hand-written loss with the first layer on the broadcast concatenation [x, y];
@@ -25,6 +27,7 @@ implementations, and pass/fail lines for the targets. ``--out`` writes everythin
 import argparse
 import collections
 import contextlib
+import copy
 import ctypes
 import datetime
 import gc
@@ -144,6 +147,19 @@ def make_impls(model, guide, names):
                 # Pyro's validation (distribution arguments and supports) is on by default.
                 with pyro.validation_enabled(validate):
                     return est.loss_and_grads(model.model, guide, x)
+
+            impls.append(Impl(name, forward_backward, params))
+        elif name == "pyro_model_enum":
+            if model.name != "gmvae_w":
+                continue
+            # The same guide modules with c left to the model (GUIDES["model_enum"]), sharing weights.
+            model_side = copy.copy(guide)
+            model_side.cluster, model_side.cluster_site = "model", None
+            est = make_estimator("enum", model=model, guide=model_side)
+
+            def forward_backward(x, est=est, g=model_side):
+                with pyro.validation_enabled(False):
+                    return est.loss_and_grads(model.model, g, x)
 
             impls.append(Impl(name, forward_backward, params))
         elif name in ("reference", "naive"):
@@ -288,13 +304,21 @@ def _can_reset_peak_rss():
         return False
 
 
-def use_unpooled_malloc():
-    """Make glibc return large blocks to the OS on free (fixed 64 KiB mmap threshold), so that the
-    resident-set peak of a step measures that step's allocations. Slows allocation: memory is
-    measured after all timings."""
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def set_mmap_threshold(nbytes):
+    """glibc: serve allocations of ``nbytes`` or more by mmap (returned to the OS on free).
+
+    64 KiB during the memory pass, so that the resident-set peak of a step measures that step's
+    own allocations rather than reused free heap; 32 MiB (glibc's dynamic ceiling, its steady state
+    for these tensor sizes) afterwards, for the timings. False where there is no glibc mallopt.
+    """
     try:
         libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(-3, 64 * 1024))  # M_MMAP_THRESHOLD
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes)) and bool(
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * nbytes)
+        )
     except (OSError, AttributeError):
         return False
 
@@ -437,16 +461,17 @@ def run_config(name, batch_size, args, device, impl_names):
     return out
 
 
-def measure_memory(result, args, device, impl_names):
-    model, guide = build(result["model"], args.k, args.quick, device)
-    pool = data_pool(model, result["batch_size"], device)
-    if not args.quick:
-        gc.collect()  # Pyro's traces hold reference cycles: free them before the baselines (slow)
-    for impl in make_impls(model, guide, [n for n in impl_names if n in result["impls"]]):
+def measure_memory(name, batch_size, args, device, impl_names):
+    """{impl: (peak bytes of a step, method)} for one configuration, on fresh modules."""
+    model, guide = build(name, args.k, args.quick, device)
+    pool = data_pool(model, batch_size, device)
+    out = {}
+    for impl in make_impls(model, guide, impl_names):
         impl.step(pool[0])  # Adam's state exists before the measured steps, as in training
-        nbytes, method = peak_memory(impl, pool, device)
-        result["impls"][impl.name]["peak_mem_bytes"] = nbytes
-        result["impls"][impl.name]["peak_mem_method"] = method
+        if not args.quick:
+            gc.collect()  # Pyro's traces hold reference cycles: free them before the baseline
+        out[impl.name] = peak_memory(impl, pool, device)
+    return out
 
 
 def targets(results, meta, device):
@@ -585,27 +610,38 @@ def main(argv=None):
 
 
 def _run(args, device):
-    impl_names = ["pyro", "pyro_noval", "reference", "naive"]
+    impl_names = ["pyro", "pyro_noval", "pyro_model_enum", "reference", "naive"]
     impl_names += ["pyro_jit"] if args.jit else []
     impl_names += ["reference_compiled"] if args.compile else []
     meta = metadata(args, device)
     mm_n = 256 if args.quick else (8192 if device.type == "cuda" else 2048)
+    memory = {}
+    if not args.no_memory:
+        # First, while the heap is small. Not in --quick: the smoke test runs in the test
+        # process, whose allocator this would change.
+        meta["malloc_unpooled"] = (
+            device.type == "cpu" and not args.quick and set_mmap_threshold(64 * 1024)
+        )
+        for name in args.models:
+            for b in args.batch_sizes:
+                memory[name, b] = measure_memory(name, b, args, device, impl_names)
+        if meta["malloc_unpooled"]:
+            set_mmap_threshold(32 * 2**20)
     matmul = {"start": matmul_throughput(device, mm_n)}
     results = []
     for name in args.models:
         for b in args.batch_sizes:
-            results.append(run_config(name, b, args, device, impl_names))
+            r = run_config(name, b, args, device, impl_names)
+            for impl, (nbytes, method) in memory.get((name, b), {}).items():
+                r["impls"][impl]["peak_mem_bytes"] = nbytes
+                r["impls"][impl]["peak_mem_method"] = method
+            results.append(r)
     matmul["end"] = matmul_throughput(device, mm_n)
-    # The reference throughput: the median of the start and end medians (the load may drift).
+    # The reference throughput: the mean of the start and end medians (the load may drift).
     peak = statistics.mean(
         [matmul["start"]["flops_per_s_median"], matmul["end"]["flops_per_s_median"]]
     )
     matmul["flops_per_s"] = peak
-    if not args.no_memory:
-        # Not in --quick: the smoke test runs in the test process, whose allocator it would change.
-        meta["malloc_unpooled"] = device.type == "cpu" and not args.quick and use_unpooled_malloc()
-        for r in results:
-            measure_memory(r, args, device, impl_names)
     for r in results:
         for v in r["impls"].values():
             v["fraction_of_matmul"] = (
