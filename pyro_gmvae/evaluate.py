@@ -67,6 +67,8 @@ def iw_log_likelihood(model, guide, x, num_samples=100, batch_size=100) -> float
     grows (Burda et al. 2016). It needs only the guide's continuous sites; for gmvae_w they are
     x and w.
     """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples (S) must be an integer >= 1, got {num_samples!r}")
     site, k = model.cluster_site, model.k
     total = 0.0
     with _EvalMode(model, guide):

@@ -290,6 +290,13 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         batches.set_state(start["batches"].cpu())
         epoch, elapsed = start["epoch"], start["elapsed"]
         _truncate_metrics(out, trainer.step_count)
+        # Settings a resume may change (epochs, out, ...) are the run's settings from now on;
+        # a later load_config or --resume must not see the old ones.
+        path = out / "config.json"
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        saved.setdefault("versions", package_versions())
+        saved.setdefault("hardware", hardware(device))
+        write_json({**saved, **cfg.to_dict()}, path)
 
     # The data were checked once above; per-step checks would read back from the device.
     set_validation(False)
