@@ -233,6 +233,13 @@ def test_evaluation_restores_modes_also_on_error():
     assert model.training and guide.training
 
 
+@pytest.mark.parametrize("s", [0, -1, 2.5])
+def test_iw_bound_refuses_a_bad_sample_count(s):
+    model, guide = gmvae_pair()
+    with pytest.raises(ValueError, match="num_samples"):
+        iw_log_likelihood(model, guide, binary_data(4), s)
+
+
 @torch.no_grad()
 def test_cluster_probs_use_running_statistics():
     """Eval mode: a point's posterior does not depend on its batch, even a batch of one."""

@@ -5,14 +5,15 @@ two steps and one evaluation (on 20 test points) per epoch.
 """
 
 import dataclasses
+import inspect
 import io
 import json
 import math
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -94,6 +95,7 @@ def test_same_seed_same_run_and_resume_after_epochs(reference, tmp_path):
     assert without_time(read_metrics(tmp_path)) == without_time(reference["rows"][:2])
     run(config(tmp_path, epochs=4), resume=True)
     assert without_time(read_metrics(tmp_path)) == without_time(reference["rows"])
+    assert R.load_config(tmp_path).epochs == 4  # config.json follows the resumed settings
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["test_elbo"] == reference["summary"]["test_elbo"]
 
@@ -157,29 +159,37 @@ def test_checkpoint_write_killed_midway(reference, tmp_path, monkeypatch):
     assert without_time(read_metrics(tmp_path)) == without_time(reference["rows"])
 
 
+# A child process that writes one checkpoint, then dies by SIGKILL halfway through the next.
+# It runs atomic_save's own source with only torch imported (the whole package is 3x slower).
+KILLED_CHILD = """
+import io, os, signal, sys, tempfile
+from pathlib import Path
+
+import torch
+
+ATOMIC_SAVE
+
+path = sys.argv[1]
+atomic_save({"version": 1}, path)
+real_save = torch.save
+
+
+def dying_save(obj, f):
+    buffer = io.BytesIO()
+    real_save(obj, buffer)
+    f.write(buffer.getvalue()[:100])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+torch.save = dying_save
+atomic_save({"version": 2, "weights": torch.zeros(10_000)}, path)
+"""
+
+
 def test_checkpoint_write_killed_by_a_signal(tmp_path):
     """SIGKILL inside atomic_save (no cleanup runs): checkpoint.pt is still the old file."""
-    script = textwrap.dedent(
-        """
-        import io, os, signal, sys
-        import torch
-        from pyro_gmvae.run import atomic_save
-
-        path = sys.argv[1]
-        atomic_save({"version": 1}, path)
-        real_save = torch.save
-
-        def dying_save(obj, f):
-            buffer = io.BytesIO()
-            real_save(obj, buffer)
-            f.write(buffer.getvalue()[:100])
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        torch.save = dying_save
-        atomic_save({"version": 2, "weights": torch.zeros(10_000)}, path)
-        """
-    )
+    script = KILLED_CHILD.replace("ATOMIC_SAVE", inspect.getsource(R.atomic_save))
     path = tmp_path / "checkpoint.pt"
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True)
     assert done.returncode == -9, done.stderr.decode()
@@ -344,3 +354,37 @@ def test_truncate_metrics_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_pat
     (tmp_path / "metrics.jsonl").write_text(text)
     R._truncate_metrics(tmp_path, 4)
     assert read_metrics(tmp_path) == rows[:2]
+
+
+DATA_ROOT = pathlib.Path(
+    os.environ.get("PYRO_GMVAE_DATA")
+    or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+
+
+@pytest.mark.skipif(not (DATA_ROOT / "MNIST").is_dir(), reason=f"no MNIST under {DATA_ROOT}")
+def test_a_small_mnist_run_and_load_run(tmp_path, monkeypatch):
+    """MNIST end to end: dynamic binarisation in training, a fixed binary test set."""
+    cfg = config(tmp_path, dataset="mnist", binarize="dynamic", k=10, hidden=16, latent_dim=4,
+                 limit=200, batch_size=100, epochs=1, kl_warmup_epochs=0, eval_batch_size=2500,
+                 data_dir=str(DATA_ROOT))  # fmt: skip
+    train, test = R.load_data(cfg, torch.device("cpu"))
+    assert train.x.shape == (200, 784) and test.x.shape == (10_000, 784)
+    assert ((test.x == 0) | (test.x == 1)).all()
+    assert torch.equal(R.load_data(cfg, torch.device("cpu"))[1].x, test.x)  # fixed draw
+
+    trainers = []
+    init = Trainer.__init__
+    monkeypatch.setattr(
+        Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), trainers.append(self))[0]
+    )
+    # Evaluated on 1000 of the 10k test images: the test ELBO is K decoder passes per image.
+    monkeypatch.setattr(R, "load_data", lambda *a: (train, test.subset(1000)))
+    summary = run(cfg)
+    assert METRIC_KEYS <= set(summary) and summary["step"] == 2
+    assert summary["test_elbo"] < 0
+    model, guide = load_run(tmp_path)
+    assert model.data_dim == 784 and model.k == 10
+    torch.testing.assert_close(
+        cluster_probs(guide, test.x[:500]), cluster_probs(trainers[0].guide, test.x[:500])
+    )
