@@ -14,6 +14,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pyro
@@ -286,8 +287,18 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         (out / "metrics.jsonl").write_text("")
     else:
         trainer.load_state_dict(start["trainer"])
-        # Every generator, a CUDA one too, takes its state as a CPU ByteTensor.
-        batches.set_state(start["batches"].cpu())
+        try:
+            # Every generator, a CUDA one too, takes its state as a CPU ByteTensor.
+            batches.set_state(start["batches"].cpu())
+        except RuntimeError:
+            # Saved on another device type ("device" may change on resume): CPU and CUDA
+            # generators keep states of different kinds, so reseed, reproducibly.
+            warnings.warn(
+                "resuming on another device type: the data order continues from a fresh seed, so "
+                "this run will not match an uninterrupted one exactly",
+                stacklevel=2,
+            )
+            batches.manual_seed(cfg.seed + start["epoch"])
         epoch, elapsed = start["epoch"], start["elapsed"]
         _truncate_metrics(out, trainer.step_count)
         # Settings a resume may change (epochs, out, ...) are the run's settings from now on;
