@@ -216,6 +216,19 @@ def test_refusals_and_a_moved_run(reference, tmp_path, monkeypatch):
     assert read_metrics(moved) == reference["rows"]
 
 
+def test_resume_from_a_checkpoint_of_another_device_type(reference, tmp_path):
+    """A CUDA generator's state (16 bytes: seed and offset) cannot set a CPU generator: the
+    resumed run warns and goes on with a reseeded data order instead of crashing."""
+    moved = tmp_path / "from_cuda"
+    shutil.copytree(reference["out"], moved)
+    state = torch.load(moved / "checkpoint.pt", weights_only=False)
+    state["batches"] = torch.zeros(16, dtype=torch.uint8)
+    R.atomic_save(state, moved / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="another device type"):
+        summary = run(config(moved, epochs=5), resume=True)
+    assert summary["epoch"] == 5 and math.isfinite(summary["train_loss"])
+
+
 def test_load_run_gives_the_trained_model(reference):
     model, guide = load_run(reference["out"])
     assert not model.training and not guide.training
