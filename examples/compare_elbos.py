@@ -43,7 +43,7 @@ IMPORTANCE = ("tmc", "iwae-enum", "rws")
 TABLE = (
     ("acc_hungarian", "acc. Hungarian (%)", 100),
     ("nmi", "NMI", 1),
-    ("cond_entropy", "H(Y|X) (nats)", 1),
+    ("cond_entropy", r"H(Y\|X) (nats)", 1),  # the pipe escaped for markdown
     ("neg_test_elbo", "test −ELBO (nats)", 1),
     ("neg_test_iw_bound", "test −log p̂ (nats)", 1),
     ("wall_time_s", "wall time (s)", 1),
