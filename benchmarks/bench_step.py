@@ -12,7 +12,8 @@ weights (see ``benchmarks/README.md``):
   with the factorised first layer W_x x + W_y y;
 * ``naive``: the hand-written loss with the first layer on the broadcast concatenation [x, y];
 * ``pyro_jit`` (``--jit``): ``pyro.infer.JitTraceEnum_ELBO(max_plate_nesting=1)``;
-* ``reference_compiled`` (``--compile``): ``torch.compile`` of the hand-written loss.
+* ``reference_compiled`` (``--compile``): ``torch.compile`` of the hand-written loss;
+* ``pyro_compiled_nets`` (``--compile``): ``pyro_noval`` with every sub-network ``torch.compile``d.
 
 It reports the median time per step over interleaved blocks, the extrapolated time per epoch
 (ceil(epoch_size / B) steps), examples/s, the peak memory of a step, the matmul FLOPs of a step
@@ -132,6 +133,21 @@ def _reference_fb(model, guide, naive, loss_fn=reference_loss):
     return forward_backward
 
 
+def compiled_networks(model, guide):
+    """Shallow copies of model and guide whose sub-networks are ``torch.compile``d: the same
+    parameter tensors, the Pyro code around them unchanged."""
+
+    def with_compiled_children(module):
+        clone = copy.copy(module)
+        clone._modules = {n: torch.compile(c) for n, c in module._modules.items()}
+        return clone
+
+    c_model, c_guide = with_compiled_children(model), with_compiled_children(guide)
+    if "model" in guide.__dict__:  # GMVAEWGuide's plain reference to its model
+        c_guide.__dict__["model"] = c_model
+    return c_model, c_guide
+
+
 def make_impls(model, guide, names):
     params = list({id(p): p for m in (model, guide) for p in m.parameters()}.values())
     impls = []
@@ -170,6 +186,15 @@ def make_impls(model, guide, names):
         elif name == "reference_compiled":
             compiled = torch.compile(reference_loss)
             impls.append(Impl(name, _reference_fb(model, guide, False, compiled), params))
+        elif name == "pyro_compiled_nets":
+            c_model, c_guide = compiled_networks(model, guide)
+            est = make_estimator("enum", model=c_model, guide=c_guide)
+
+            def forward_backward(x, est=est, m=c_model, g=c_guide):
+                with pyro.validation_enabled(False):
+                    return est.loss_and_grads(m.model, g, x)
+
+            impls.append(Impl(name, forward_backward, params))
         else:
             raise ValueError(f"unknown implementation {name!r}")
     return impls
@@ -612,7 +637,10 @@ def main(argv=None):
 def _run(args, device):
     impl_names = ["pyro", "pyro_noval", "pyro_model_enum", "reference", "naive"]
     impl_names += ["pyro_jit"] if args.jit else []
-    impl_names += ["reference_compiled"] if args.compile else []
+    impl_names += ["reference_compiled", "pyro_compiled_nets"] if args.compile else []
+    if args.compile:
+        # Inductor otherwise draws its own random numbers: same seed, other z, another loss.
+        torch._inductor.config.fallback_random = True
     meta = metadata(args, device)
     mm_n = 256 if args.quick else (8192 if device.type == "cuda" else 2048)
     memory = {}
