@@ -127,7 +127,8 @@ class Trainer:
         return self.estimator.loss(self.model_fn, self.guide_fn, x).detach()
 
     def step(self, x) -> torch.Tensor:
-        """One SVI step on batch x; returns the loss (summed over the batch) as a device tensor."""
+        """One SVI step on batch x; returns the loss (summed over the batch) as a device tensor,
+        NaN for a step rolled back (``on_nan="rollback"``)."""
         self.model.train(), self.guide.train()
         try:
             loss = self.estimator.loss_and_grads(self.model_fn, self.guide_fn, x)
@@ -143,13 +144,15 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if self.step_count % self.nan_check_every == 0:
             if grad_norm is None:
-                # A finite loss can still have a NaN gradient (e.g. sqrt at 0); one step on it
-                # would make every parameter NaN.
+                # A finite loss can still have NaN gradients: TraceEnum_ELBO drops terms whose
+                # enumeration weight q(y|x) is NaN from the loss value (its Dice masks prob > 0),
+                # not from the gradient. One step on them would make every parameter NaN.
                 grad_norm = _global_grad_norm(self.params)
             bad = not torch.isfinite(loss).all() or not torch.isfinite(grad_norm)
             if bad:
                 self._handle_nonfinite(loss)
-                return loss
+                # Rolled back: NaN says no step was taken (the loss itself may look finite).
+                return torch.full_like(loss, math.nan)
             self.rollbacks = 0
             if self.on_nan == "rollback":
                 self._good_state = copy.deepcopy(self._train_state())
