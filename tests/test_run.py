@@ -229,6 +229,11 @@ def test_resume_from_a_checkpoint_of_another_device_type(reference, tmp_path):
     assert summary["epoch"] == 5 and math.isfinite(summary["train_loss"])
 
 
+def test_load_run_without_a_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_run(tmp_path)
+
+
 def test_load_run_gives_the_trained_model(reference):
     model, guide = load_run(reference["out"])
     assert not model.training and not guide.training
@@ -281,6 +286,11 @@ def test_load_run_gmvae_w_with_batchnorm_and_iw_summary(tmp_path, monkeypatch):
         ({"estimator": "nope"}, "estimator"),
         ({"optimizer": "lbfgs"}, "optimizer"),
         ({"clip_norm": 0.0}, "clip_norm"),
+        ({"binarize": "otsu"}, "binarize"),
+        ({"arch": "cnn"}, "arch"),
+        ({"model": "gmvae_w", "arch": "conv"}, "arch"),  # conv nets need images, not arcs
+        ({"likelihood": "poisson"}, "likelihood"),
+        ({"iw_samples": -1}, "iw_samples"),
     ],
 )
 def test_validate_names_the_flag(overrides, flag, tmp_path):
@@ -307,18 +317,25 @@ def test_free_bits_and_warm_up_reach_the_loss(tmp_path):
     assert 0 < plain["train_loss"] - warm["train_loss"] <= 0.75 * math.log(5)
 
 
-def test_nan_data_raise_before_training(tmp_path, monkeypatch):
-    load = R.load_data
-
-    def nan_data(cfg, device):
-        train, test = load(cfg, device)
-        train.x[7, 1] = math.nan
+@pytest.mark.parametrize(
+    "dataset, corrupt, message",
+    [
+        ("arcs", lambda x: x.__setitem__((7, 1), math.nan), "NaN"),
+        # Grey levels outside [0, 1] cannot be binarised (dataset named mnist: arcs data).
+        ("mnist", lambda x: x.mul_(3.0), r"grey levels in \[0, 1\]"),
+    ],
+)
+def test_bad_data_raise_before_training(dataset, corrupt, message, tmp_path, monkeypatch):
+    def bad_data(cfg, device):
+        train, test = R.make_arcs(100), R.make_arcs(20, seed=1)
+        corrupt(train.x)
         return train, test
 
-    monkeypatch.setattr(R, "load_data", nan_data)
-    monkeypatch.setattr(Trainer, "step", lambda self, x: pytest.fail("trained on NaN data"))
-    with pytest.raises(ValueError, match="NaN"):
-        run(config(tmp_path))
+    monkeypatch.setattr(R, "load_data", bad_data)
+    monkeypatch.setattr(Trainer, "step", lambda self, x: pytest.fail("trained on bad data"))
+    binarize = "dynamic" if dataset == "mnist" else "none"
+    with pytest.raises(ValueError, match=message):
+        run(config(tmp_path, dataset=dataset, binarize=binarize, likelihood="gaussian"))
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
@@ -363,7 +380,7 @@ def test_atomic_save_leaves_no_temporary_file_on_error(tmp_path, monkeypatch):
 
 def test_truncate_metrics_drops_rows_after_the_checkpoint_and_a_cut_line(tmp_path):
     rows = [{"epoch": e, "step": 2 * e} for e in (1, 2, 3)]
-    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"epoch": 4, "st'
+    text = "".join(json.dumps(r) + "\n\n" for r in rows) + '{"epoch": 4, "st'
     (tmp_path / "metrics.jsonl").write_text(text)
     R._truncate_metrics(tmp_path, 4)
     assert read_metrics(tmp_path) == rows[:2]

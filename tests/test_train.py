@@ -116,7 +116,9 @@ def test_nan_parameter_raises_without_updating():
 @pytest.mark.parametrize("pyro_validation", [True, False])
 def test_nan_data_raises_without_updating(pyro_validation):
     """With Pyro's validation on, the NaN stops a distribution's argument check in the forward
-    pass; with it off, the NaN reaches the loss. Both are a NonFiniteLossError."""
+    pass. With it off, the loss is finite: TraceEnum_ELBO leaves out terms whose enumeration
+    weight q(y|x) is NaN (its Dice keeps prob > 0), but the gradients are NaN. Both are a
+    NonFiniteLossError."""
     trainer = Trainer(tiny_model())
     good, bad = batches(2)
     bad[3, 2] = math.nan
@@ -126,6 +128,8 @@ def test_nan_data_raises_without_updating(pyro_validation):
     set_validation(False)  # else the model's input check refuses the batch first
     try:
         with pyro.validation_enabled(pyro_validation):
+            if not pyro_validation:
+                assert torch.isfinite(trainer.loss(bad))  # the NaN hides from the loss
             with pytest.raises(NonFiniteLossError, match="clip_norm") as info:
                 trainer.step(bad)
     finally:
@@ -150,7 +154,8 @@ def test_nan_gradient_with_finite_loss_raises():
     assert_params_equal(before, params_of(trainer))
 
 
-def test_rollback_restores_the_last_good_state_and_gives_up_after_max_rollbacks():
+@pytest.mark.parametrize("pyro_validation", [True, False])
+def test_rollback_restores_the_last_good_state_and_gives_up_after_max_rollbacks(pyro_validation):
     trainer = Trainer(tiny_model(), on_nan="rollback", max_rollbacks=2)
     xs = batches(4)
     bad = xs[0].clone()
@@ -162,26 +167,39 @@ def test_rollback_restores_the_last_good_state_and_gives_up_after_max_rollbacks(
     assert trainer.step_count == 2
     set_validation(False)
     try:
-        for attempt in (1, 2):
-            loss = trainer.step(bad)
-            assert not torch.isfinite(loss)
-            assert trainer.rollbacks == attempt
-            assert_params_equal(good_params, params_of(trainer))
-            state = trainer.optimizer.state_dict()["state"]
-            for i, s in good_adam["state"].items():
-                assert torch.equal(s["exp_avg_sq"], state[i]["exp_avg_sq"])
-        with pytest.raises(NonFiniteLossError, match="2 rollbacks in a row"):
-            trainer.step(bad)
-        # "In a row": a good step resets the count.
-        trainer = Trainer(tiny_model(), on_nan="rollback", max_rollbacks=2)
-        for x in (xs[0], bad, bad, xs[1], bad, bad, xs[2]):
-            trainer.step(x)
-        assert trainer.rollbacks == 0 and trainer.step_count == 3
-        # No good state yet: nothing to go back to.
-        with pytest.raises(NonFiniteLossError):
-            Trainer(tiny_model(), on_nan="rollback").step(bad)
+        with pyro.validation_enabled(pyro_validation):
+            _rollbacks(trainer, xs, bad, good_params, good_adam)
     finally:
         set_validation(True)
+
+
+def _rollbacks(trainer, xs, bad, good_params, good_adam):
+    """Two rollbacks to the state before the last good step, then the third NaN raises."""
+    for attempt in (1, 2):
+        loss = trainer.step(bad)
+        assert not torch.isfinite(loss)
+        assert trainer.rollbacks == attempt
+        assert_params_equal(good_params, params_of(trainer))
+        state = trainer.optimizer.state_dict()["state"]
+        for i, s in good_adam["state"].items():
+            assert torch.equal(s["exp_avg_sq"], state[i]["exp_avg_sq"])
+    with pytest.raises(NonFiniteLossError, match="2 rollbacks in a row"):
+        trainer.step(bad)
+    # "In a row": a good step resets the count.
+    trainer = Trainer(tiny_model(), on_nan="rollback", max_rollbacks=2)
+    for x in (xs[0], bad, bad, xs[1], bad, bad, xs[2]):
+        trainer.step(x)
+    assert trainer.rollbacks == 0 and trainer.step_count == 3
+    # No good state yet: nothing to go back to.
+    with pytest.raises(NonFiniteLossError):
+        Trainer(tiny_model(), on_nan="rollback").step(bad)
+
+
+def test_other_errors_in_a_step_are_not_nan_errors():
+    """Only NaN/inf are turned into NonFiniteLossError; a wrong input stays its own error."""
+    trainer = Trainer(tiny_model(), on_nan="rollback")
+    with pytest.raises(ValueError, match="expected data of shape"):
+        trainer.step(torch.zeros(4, D + 1))
 
 
 @pytest.mark.parametrize(
