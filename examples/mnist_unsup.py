@@ -43,7 +43,6 @@ from pyro_gmvae import MODELS
 from pyro_gmvae.data import DatasetNotFoundError, binarize_fixed, load_dataset
 from pyro_gmvae.estimators import ESTIMATORS, make_estimator
 from pyro_gmvae.guides import GUIDES
-from pyro_gmvae.plots import make_figures
 from pyro_gmvae.run import (
     CHECKPOINT,
     DATASETS,
@@ -394,6 +393,8 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted; continue from the last evaluated epoch with: "
                  f"python {sys.argv[0]} --resume --out {cfg.out}")  # fmt: skip
+    from pyro_gmvae.plots import make_figures  # matplotlib and torchvision: only once needed
+
     model, guide = load_run(cfg.out, device=device)
     test = evaluated_test_set(cfg, test, device)
     shape = IMAGE_SHAPES.get(cfg.dataset)

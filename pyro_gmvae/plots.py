@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from torchvision.utils import make_grid
 
 from .metrics import contingency
 from .run import read_metrics
@@ -69,6 +68,8 @@ def plot_curves(rows, k, path, title=None):
 def plot_image_grid(images, path, image_shape, row_labels=None, title=None, xlabel=None):
     """A grid of images, ``images`` of shape (rows, cols, D) with D = C·H·W, one row per entry
     of ``row_labels``. Values are clamped to [0, 1]."""
+    from torchvision.utils import make_grid  # imported here: torchvision's import is slow
+
     images = torch.as_tensor(images).detach().float().cpu()
     if images.dim() != 3:
         raise ValueError(f"images must be (rows, cols, D), got shape {tuple(images.shape)}")
@@ -132,7 +133,8 @@ def plot_scatter(points, clusters, path, title=None):
 def _save(fig, path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    # "tight" on top of the constrained layout: long row labels are never clipped.
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     return path
 
 
@@ -143,8 +145,9 @@ def _is_w_model(model) -> bool:
     return getattr(model, "w_dim", None) is not None
 
 
-def _one_hot(index, k, device):
-    return F.one_hot(torch.as_tensor(index, device=device), k).float()
+def _one_hot(index, k, like):
+    """One-hot rows for cluster indices, with the device and dtype of tensor ``like``."""
+    return F.one_hot(torch.as_tensor(index, device=like.device), k).to(like.dtype)
 
 
 def _point(d):
@@ -181,16 +184,17 @@ def sample_grid(model, n_cols=10, seed=0) -> torch.Tensor:
     the other columns share one w ~ N(0, I) per column, with x = μ_c(w). Shu's models: y fixed to
     the row's cluster, z drawn from p(z|y) (GMVAE) or N(0, I) (M2, modified M2).
     """
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
     rows = []
     # Seeded without touching the caller's RNG streams: figures must not perturb a run.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         if _is_w_model(model):
-            w = torch.randn(n_cols, model.w_dim, device=device)
+            w = torch.randn(n_cols, model.w_dim, device=device, dtype=param.dtype)
             w[0] = 0.0
         for c in range(model.k):
-            y = _one_hot([c] * n_cols, model.k, device)
+            y = _one_hot([c] * n_cols, model.k, param)
             rows.append(
                 model.sample(y, w=w, use_mean=True) if _is_w_model(model) else model.sample(y)
             )
@@ -207,7 +211,7 @@ def latent_means(guide, x, clusters, batch_size=1000) -> torch.Tensor:
         if hasattr(guide, "latent_dists"):
             out.append(_point(guide.latent_dists(b)[1]))
         else:
-            y = _one_hot(clusters[i : i + batch_size], guide.k, x.device)
+            y = _one_hot(clusters[i : i + batch_size], guide.k, x)
             out.append(_point(guide.z_dist(b, y)))
     return torch.cat(out)
 
@@ -218,7 +222,7 @@ def reconstruct(model, guide, x, clusters) -> torch.Tensor:
     probable) cluster for Shu's models, x from q(x|obs) for GMVAE-w. Shape like x."""
     if hasattr(guide, "latent_dists"):
         return _decoded_mean(model, model.decoder(_point(guide.latent_dists(x)[0])))
-    y = _one_hot(clusters, model.k, x.device)
+    y = _one_hot(clusters, model.k, x)
     return model.sample(y, z=_point(guide.z_dist(x, y)))
 
 
@@ -232,11 +236,11 @@ def traversal_grid(model, latents, clusters, n_cols=9, span=2.0) -> torch.Tensor
     overall mean for an empty cluster), decoded with y fixed to that cluster.
     """
     direction, std = _principal_direction(latents)
-    steps = torch.linspace(-span, span, n_cols, device=latents.device)
+    steps = torch.linspace(-span, span, n_cols, device=latents.device, dtype=latents.dtype)
     line = steps[:, None] * std * direction  # (n_cols, dim)
     rows = []
     for c in range(model.k):
-        y = _one_hot([c] * n_cols, model.k, latents.device)
+        y = _one_hot([c] * n_cols, model.k, latents)
         if _is_w_model(model):
             rows.append(model.sample(y, w=latents.mean(0) + line, use_mean=True))
         else:
@@ -244,6 +248,16 @@ def traversal_grid(model, latents, clusters, n_cols=9, span=2.0) -> torch.Tensor
             centre = (mine if len(mine) else latents).mean(0)
             rows.append(model.sample(y, z=centre + line))
     return torch.stack(rows)
+
+
+@torch.no_grad()
+def reconstruction_grid(model, guide, x, clusters, n_cols=10, n_rows=4) -> torch.Tensor:
+    """(2·n_rows, n_cols, D): rows alternate between test images (taken round-robin over the
+    used clusters, so every cluster shows) and their reconstructions (:func:`reconstruct`)."""
+    shown = _examples_per_cluster(clusters, model.k, n_cols, n_rows)
+    originals = x[shown].reshape(n_rows, n_cols, -1)
+    recon = reconstruct(model, guide, x[shown], clusters[shown]).reshape(n_rows, n_cols, -1)
+    return torch.stack([originals, recon], 1).flatten(0, 1)
 
 
 # --------------------------------------------------------------------------- all of them
@@ -284,15 +298,7 @@ def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols
                     test_x.cpu(), clusters.cpu(), run_dir / "clusters.png", title=name
                 )
             return paths
-        row_labels = [
-            f"cluster {c}: "
-            + (
-                f"{counts[c].sum()} pts, mostly {counts[c].argmax()}"
-                if counts[c].sum()
-                else "empty"
-            )
-            for c in range(model.k)
-        ]
+        row_labels = [_cluster_label(c, counts[c]) for c in range(model.k)]
         if _is_w_model(model):
             what = "column 1: x = μ_c(0); others: x = μ_c(w), w ~ N(0, I) shared per column"
         else:
@@ -312,10 +318,7 @@ def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols
             image_shape, row_labels, title=f"{name}: {latent} along its first principal direction",
             xlabel=f"{latent} from −2 to +2 sd of the test posterior means, decoded in each cluster",
         )  # fmt: skip
-        shown = _examples_per_cluster(clusters, model.k, n_cols)
-        originals = test_x[shown]
-        recon = reconstruct(model, guide, originals, clusters[shown])
-        pairs = torch.stack([originals, recon], 1).reshape(-1, n_cols, test_x.shape[1])
+        pairs = reconstruction_grid(model, guide, test_x, clusters, n_cols)
         pair_labels = [s for i in range(len(pairs) // 2) for s in (f"test {i + 1}", "recon.")]
         paths["reconstructions"] = plot_image_grid(
             pairs, run_dir / "reconstructions.png", image_shape, pair_labels,
@@ -324,6 +327,13 @@ def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols
         return paths
     finally:
         model.train(was_training[0]), guide.train(was_training[1])
+
+
+def _cluster_label(c, counts_c):
+    """'cluster 3: 1012 pts, mostly 7': what a row of cluster images stands for."""
+    if not counts_c.sum():
+        return f"cluster {c}: empty"
+    return f"cluster {c}: {counts_c.sum()} pts, mostly {counts_c.argmax()}"
 
 
 def _examples_per_cluster(clusters, k, n_cols, n_rows=4):
