@@ -42,6 +42,7 @@ class GMVAE(MixtureVAE):
     @torch.no_grad()
     def sample(self, y, z=None):
         """Decoder means for one-hot y (N, K); z drawn from p(z|y) if None."""
+        y = y.to(self.cluster_logits)  # F.one_hot gives int64; the linear prior needs floats
         if z is None:
             loc, scale = self.prior(y)
             z = loc + scale * torch.randn_like(loc)

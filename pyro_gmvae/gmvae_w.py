@@ -87,8 +87,9 @@ class GMVAEW(MixtureVAE):
 
         With ``use_mean`` x is the component mean μ_c(w) rather than a draw (the paper's Fig. 5).
         """
+        c = c.to(self.cluster_logits)  # F.one_hot gives int64; a float64 model needs float64
         if w is None:
-            w = torch.randn(c.shape[0], self.w_dim, device=c.device)
+            w = torch.randn(c.shape[0], self.w_dim, dtype=c.dtype, device=c.device)
         loc, scale = self.components(w)
         loc, scale = (c.unsqueeze(-1) * loc).sum(-2), (c.unsqueeze(-1) * scale).sum(-2)
         x = loc if use_mean else loc + scale * torch.randn_like(loc)

@@ -46,8 +46,9 @@ class M2(MixtureVAE):
     @torch.no_grad()
     def sample(self, y, z=None):
         """Decoder means for one-hot y (N, K) and z (N, z_dim) (drawn from the prior if None)."""
+        y = y.to(self.cluster_logits)  # F.one_hot gives int64; a float64 model needs float64
         if z is None:
-            z = torch.randn(y.shape[0], self.z_dim, device=y.device)
+            z = torch.randn(y.shape[0], self.z_dim, dtype=y.dtype, device=y.device)
         return _mean_image(self.decode(z, y), self.likelihood)
 
 
