@@ -204,10 +204,13 @@ def make_impls(model, guide, names):
 
 
 def time_impls(impls, pool, device, warmup, repeats, min_block_s):
-    """Median seconds per step of each implementation, over ``repeats`` interleaved blocks.
+    """Wall and CPU seconds per step of each implementation, in ``repeats`` interleaved rounds.
 
-    Blocks of the implementations alternate (in a rotating order) so that a change in the load of
-    a shared machine hits them all alike; the loss is read back once per block, not per step.
+    In each round every implementation runs one block of steps, in a rotating order, so that a
+    change in the load of a shared machine hits them all alike and ratios can be paired by round.
+    CPU time (``time.process_time``) is what a step costs when it has a core to itself: on a
+    shared CPU it is far less noisy than wall time (with one torch thread; with more, spinning
+    OpenMP threads inflate it). The loss is read back once per block, not per step.
     """
     steps = {}
     for impl in impls:
@@ -223,22 +226,31 @@ def time_impls(impls, pool, device, warmup, repeats, min_block_s):
         impl.step(pool[0])
         sync(device)
         steps[impl.name] = max(1, math.ceil(min_block_s / (time.perf_counter() - t0)))
-    per_step = collections.defaultdict(list)
+    out = {
+        impl.name: {"steps_per_block": steps[impl.name], "wall_s": [], "cpu_s": []}
+        for impl in impls
+    }
     for r in range(repeats):
         order = impls[r % len(impls) :] + impls[: r % len(impls)]
         for impl in order:
             n = steps[impl.name]
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for i in range(n):
                 loss = impl.step(pool[i % len(pool)])
             sync(device)
-            per_step[impl.name].append((time.perf_counter() - t0) / n)
+            out[impl.name]["wall_s"].append((time.perf_counter() - t0) / n)
+            out[impl.name]["cpu_s"].append((time.process_time() - c0) / n)
             if not torch.isfinite(loss).all():
                 raise FloatingPointError(f"{impl.name}: non-finite loss during timing")
-    return {
-        name: {"steps_per_block": steps[name], "step_s_blocks": v} for name, v in per_step.items()
-    }
+    return out
+
+
+def paired_ratio(blocks, a, b, key):
+    """Median and quartiles over rounds of (a's step time / b's step time in the same round)."""
+    ratios = [x / y for x, y in zip(blocks[a][key], blocks[b][key])]
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return statistics.median(ratios), [quartiles[0], quartiles[2]]
 
 
 def loss_check(impls, x, seed=123):
@@ -376,22 +388,24 @@ def peak_memory(impl, pool, device, steps=2):
 
 
 def matmul_throughput(device, n, repeats=5):
-    """FLOP/s of an n x n float32 matmul (median and best of ``repeats``)."""
+    """FLOP/s of an n x n float32 matmul: per wall second and per CPU second (median, best)."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         a @ b
         sync(device)
-        times.append(time.perf_counter() - t0)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     flops = 2 * n**3
     return {
         "n": n,
-        "median_s": statistics.median(times),
-        "flops_per_s_median": flops / statistics.median(times),
-        "flops_per_s_best": flops / min(times),
+        "median_s": statistics.median(wall),
+        "flops_per_s_median": flops / statistics.median(wall),
+        "flops_per_s_best": flops / min(wall),
+        "flops_per_cpu_s_median": flops / statistics.median(cpu),
     }
 
 
@@ -437,30 +451,39 @@ def run_config(name, batch_size, args, device, impl_names):
     model, guide = build(name, args.k, args.quick, device)
     pool = data_pool(model, batch_size, device)
     impls = make_impls(model, guide, impl_names)
-    timing = time_impls(impls, pool, device, args.warmup, args.repeats, args.min_block_s)
+    blocks = time_impls(impls, pool, device, args.warmup, args.repeats, args.min_block_s)
     losses = loss_check(impls, pool[0])
     steps_per_epoch = math.ceil(args.epoch_size / batch_size)
+    # CPU: the CPU time of a step (robust to a shared machine); CUDA: wall time.
+    basis = "cpu_s" if device.type == "cpu" else "wall_s"
     out = {
         "model": name,
         "batch_size": batch_size,
         "k": args.k,
         "steps_per_epoch": steps_per_epoch,
+        "time_basis": "cpu" if basis == "cpu_s" else "wall",
         "impls": {},
     }
     for impl in impls:
-        step_s = statistics.median(timing[impl.name]["step_s_blocks"])
+        b = blocks[impl.name]
+        wall, cpu = statistics.median(b["wall_s"]), statistics.median(b["cpu_s"])
+        step = cpu if basis == "cpu_s" else wall
         flops = count_flops(impl, pool[0])
         reads, cuda_syncs = host_syncs(impl, pool[0], device)
         out["impls"][impl.name] = {
-            "step_s": step_s,
-            "step_s_blocks": timing[impl.name]["step_s_blocks"],
-            "steps_per_block": timing[impl.name]["steps_per_block"],
+            "step_s": step,
+            "step_wall_s": wall,
+            "step_cpu_s": cpu,
+            "wall_s_blocks": b["wall_s"],
+            "cpu_s_blocks": b["cpu_s"],
+            "steps_per_block": b["steps_per_block"],
             "first_step_s": impl.setup_s,
-            "epoch_s": step_s * steps_per_epoch,
-            "examples_per_s": batch_size / step_s,
+            "epoch_s": step * steps_per_epoch,
+            "epoch_wall_s": wall * steps_per_epoch,
+            "examples_per_s": batch_size / step,
             "flops_per_step": flops,
             "flops_per_epoch": None if flops is None else flops * steps_per_epoch,
-            "achieved_flops_per_s": None if flops is None else flops / step_s,
+            "achieved_flops_per_s": None if flops is None else flops / step,
             "host_reads_per_step": reads,
             "cuda_syncs_per_step": cuda_syncs,
             "loss": losses[impl.name],
@@ -471,18 +494,14 @@ def run_config(name, batch_size, args, device, impl_names):
         n: abs(v["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-12)
         for n, v in out["impls"].items()
     }
-    out["ratios"] = {
-        f"{n}/reference": v["step_s"] / ref["step_s"]
-        for n, v in out["impls"].items()
-        if n != "reference"
-    }
+    pairs = [(n, "reference") for n in out["impls"] if n != "reference"]
     if "naive" in out["impls"]:
-        out["ratios"]["pyro/naive"] = (
-            out["impls"]["pyro"]["step_s"] / out["impls"]["naive"]["step_s"]
-        )
-        out["ratios"]["pyro_noval/naive"] = (
-            out["impls"]["pyro_noval"]["step_s"] / out["impls"]["naive"]["step_s"]
-        )
+        pairs += [("pyro", "naive"), ("pyro_noval", "naive")]
+    out["ratios"], out["ratio_quartiles"], out["ratios_wall"] = {}, {}, {}
+    for a, b in pairs:
+        key = f"{a}/{b}"
+        out["ratios"][key], out["ratio_quartiles"][key] = paired_ratio(blocks, a, b, basis)
+        out["ratios_wall"][key] = paired_ratio(blocks, a, b, "wall_s")[0]
     return out
 
 
@@ -552,12 +571,14 @@ def _fmt(value, scale, spec):
 
 
 def print_config(r, peak):
+    basis = r["time_basis"]
     print(
         f"\n== {r['model']}  K={r['k']}  B={r['batch_size']}  ({r['steps_per_epoch']} steps/epoch)"
     )
     cols = (
         "impl",
         "step ms",
+        "wall ms",
         "epoch s",
         "ex/s",
         "peak MB",
@@ -571,6 +592,7 @@ def print_config(r, peak):
     for name, v in r["impls"].items():
         cells = (
             _fmt(v["step_s"], 1e-3, ".2f"),
+            _fmt(v["step_wall_s"], 1e-3, ".2f"),
             _fmt(v["epoch_s"], 1, ".1f"),
             _fmt(v["examples_per_s"], 1, ".0f"),
             _fmt(v["peak_mem_bytes"], 2**20, ".0f"),
@@ -581,7 +603,9 @@ def print_config(r, peak):
             _fmt(v["loss"], 1, ".3f"),
         )
         print(f"{name:<19}" + "".join(f"{c:>10}" for c in cells))
-    print("ratios (same run): " + ", ".join(f"{k} {v:.3f}" for k, v in r["ratios"].items()))
+    quart = r["ratio_quartiles"]
+    print(f"ratios of {basis} time, paired by round (median [quartiles]): " + ", ".join(
+        f"{k} {v:.3f} [{quart[k][0]:.2f}, {quart[k][1]:.2f}]" for k, v in r["ratios"].items()))  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -666,9 +690,8 @@ def _run(args, device):
             results.append(r)
     matmul["end"] = matmul_throughput(device, mm_n)
     # The reference throughput: the mean of the start and end medians (the load may drift).
-    peak = statistics.mean(
-        [matmul["start"]["flops_per_s_median"], matmul["end"]["flops_per_s_median"]]
-    )
+    rate = "flops_per_cpu_s_median" if device.type == "cpu" else "flops_per_s_median"
+    peak = statistics.mean([matmul["start"][rate], matmul["end"][rate]])
     matmul["flops_per_s"] = peak
     for r in results:
         for v in r["impls"].values():
@@ -681,8 +704,12 @@ def _run(args, device):
 
     print(f"{meta['cpu_model']} ({meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads), device {device}, "
           f"torch {meta['torch']}, pyro {meta['pyro']}, load avg {meta['loadavg_start']} -> {meta['loadavg_end']}")  # fmt: skip
-    print(f"float32 matmul n={mm_n}: {peak / 1e9:.1f} GFLOP/s (start {matmul['start']['flops_per_s_median'] / 1e9:.1f}, "
-          f"end {matmul['end']['flops_per_s_median'] / 1e9:.1f})")  # fmt: skip
+    print(
+        f"float32 matmul n={mm_n}: {peak / 1e9:.1f} GFLOP per {'CPU' if device.type == 'cpu' else 'wall'} second "
+        f"(wall: start {matmul['start']['flops_per_s_median'] / 1e9:.1f}, end {matmul['end']['flops_per_s_median'] / 1e9:.1f})"
+    )
+    print("step ms, epoch s, ex/s, GFLOP/s and %mm (of the matmul rate) use "
+          + ("CPU time (process_time); wall ms is wall time" if device.type == "cpu" else "wall time"))  # fmt: skip
     for r in results:
         print_config(r, peak)
     print("\ntargets:")
