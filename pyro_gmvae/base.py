@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .nets import check_data, check_k, check_likelihood
+from .nets import check_data, check_k, check_likelihood, is_integer, validation_enabled
 
 
 class MixtureVAE(nn.Module):
@@ -20,12 +20,12 @@ class MixtureVAE(nn.Module):
 
     def __init__(self, data_dim: int, k: int, likelihood: str):
         super().__init__()
-        if not isinstance(data_dim, int) or data_dim < 1:
+        if not is_integer(data_dim) or data_dim < 1:
             raise ValueError(f"data_dim must be a positive integer, got {data_dim!r}")
-        self.data_dim = data_dim
+        self.data_dim = int(data_dim)
         self.k = check_k(k)
         self.likelihood = check_likelihood(likelihood)
-        self.register_buffer("cluster_logits", torch.full((k,), -math.log(k)))
+        self.register_buffer("cluster_logits", torch.full((self.k,), -math.log(self.k)))
 
     def cluster_log_prior(self) -> torch.Tensor:
         """log p(y), shape (K,)."""
@@ -33,6 +33,11 @@ class MixtureVAE(nn.Module):
 
     def check(self, x: torch.Tensor) -> None:
         check_data(x, self.data_dim, self.likelihood)
+        if validation_enabled() and x.dtype != self.cluster_logits.dtype:
+            raise TypeError(
+                f"the data is {x.dtype} but the model is {self.cluster_logits.dtype}; "
+                f"convert one of them (x.to({self.cluster_logits.dtype}) or model.to(x.dtype))"
+            )
 
     def forward(self, x):
         return self.model(x)

@@ -5,6 +5,7 @@ of the cluster (and vectorised particles) prepend dims such as (K, 1, ...) to th
 """
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,9 @@ def check_data(x: torch.Tensor, data_dim: int, likelihood: str) -> None:
         return
     if not torch.is_tensor(x):
         raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if not torch.is_floating_point(x):
+        # Binarised images often arrive as bool/uint8; the networks would fail deep inside.
+        raise TypeError(f"expected floating-point data, got {x.dtype}; convert it with x.float()")
     if x.dim() != 2 or x.shape[-1] != data_dim:
         raise ValueError(
             f"expected data of shape (batch, {data_dim}), got {tuple(x.shape)}; "
@@ -51,10 +55,15 @@ def check_data(x: torch.Tensor, data_dim: int, likelihood: str) -> None:
         )
 
 
+def is_integer(n) -> bool:
+    """True for Python and NumPy integers (``np.prod(shape)`` gives the latter), not for bools."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
 def check_k(k: int) -> int:
-    if not isinstance(k, int) or k < 2:
+    if not is_integer(k) or k < 2:
         raise ValueError(f"the number of clusters K must be an integer >= 2, got {k!r}")
-    return k
+    return int(k)
 
 
 def check_likelihood(likelihood: str) -> str:
