@@ -165,8 +165,16 @@ def test_bad_data_is_refused(make_tiny, binary_batch, name):
         for fn in (model.model, guide, lambda x: est.loss(model.model, guide, x)):
             with pytest.raises(ValueError, match=message):
                 fn(bad)
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        model.model(binary_batch.tolist())
+    type_cases = [
+        (binary_batch.tolist(), "expected a torch.Tensor"),
+        (binary_batch.bool(), "floating-point data, got torch.bool"),  # binarised as x > 0.5
+        (binary_batch.to(torch.uint8), "floating-point data, got torch.uint8"),
+        (binary_batch.float(), "the data is torch.float32 but the model is torch.float64"),
+    ]
+    for bad, message in type_cases:
+        for fn in (model.model, guide, lambda x: est.loss(model.model, guide, x)):
+            with pytest.raises(TypeError, match=message):
+                fn(bad)
     # The Gaussian likelihood scores real values, but not NaN.
     gaussian, gaussian_guide = make_tiny(name, likelihood="gaussian")
     assert torch.isfinite(est.loss(gaussian.model, gaussian_guide, 0.5 * binary_batch))
@@ -181,10 +189,16 @@ def test_validation_can_be_switched_off(make_tiny, binary_batch):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("k", [1, 0, -2, 2.5, 3.0, "3", None])
+@pytest.mark.parametrize("k", [1, 0, -2, 2.5, 3.0, "3", None, True])
 def test_bad_k_is_refused(name, k):
     with pytest.raises(ValueError, match="K must be an integer >= 2"):
         make_model(name, data_dim=6, k=k)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_numpy_integers_are_integers(name):
+    model = make_model(name, data_dim=np.prod((1, 2, 3)), k=np.int64(3))
+    assert type(model.data_dim) is int and type(model.k) is int and model.k == 3
 
 
 @pytest.mark.parametrize("name", list(MODELS))
