@@ -36,8 +36,7 @@ pytestmark = pytest.mark.filterwarnings(
 def pyro_loss(model_fn, guide, x, num_particles=1, kl_weight=1.0, free_bits=0.0, site="y",
               log_prior=None):  # fmt: skip
     """TraceEnum_ELBO's differentiable loss and the guide's sampled values in that very call."""
-    tracer = poutine.trace(guide)
-    model_fn, guide_fn = model_fn, tracer
+    guide_fn = tracer = poutine.trace(guide)
     if kl_weight != 1.0 or free_bits != 0.0:
         model_fn, guide_fn = cluster_objective(
             model_fn, tracer, site, log_prior, kl_weight, free_bits
@@ -197,9 +196,14 @@ def gmvae_w_pair(make_tiny):
 
 
 def cluster_encoder_params(model, guide):
-    if model.name == "gmvae_w":  # p(c|x,w) is defined by the prior network
-        return {n: p for n, p in params_of(model, guide) if n.split(".")[1].startswith("prior")}
-    return {n: p for n, p in params_of(model, guide) if n.startswith("guide.y_net")}
+    """The parameters of the cluster posterior: q(y|x)'s net, or gmvae_w's prior network, which
+    defines p(c|x,w)."""
+    if model.name == "gmvae_w":
+        found = {n: p for n, p in params_of(model, guide) if n.split(".")[1].startswith("prior")}
+    else:
+        found = {n: p for n, p in params_of(model, guide) if n.startswith("guide.y_net")}
+    assert len(found) >= 4, list(found)
+    return found
 
 
 # --- 1-2: the ELBO for every model --------------------------------------------------------------
@@ -224,8 +228,8 @@ def test_enum_elbo_equals_shu_objective(make_tiny, binary_batch, name, kwargs, n
 @pytest.mark.parametrize("num_particles", [1, 3])
 def test_gmvae_w_elbo_both_forms(make_tiny, binary_batch, num_particles):
     model, guide, model_side = gmvae_w_pair(make_tiny)
-    named = params_of(model, guide)
     for g_fn in (guide, model_side):
+        named = params_of(model, g_fn)
         loss, draws = pyro_loss(model.model, g_fn, binary_batch, num_particles)
         if g_fn is guide:
             assert draws["c"].shape == (model.k, *([1] * (1 + (num_particles > 1))), model.k)
