@@ -142,12 +142,11 @@ def _value(row, key):
 
 def plot_curves(dirs, k, path):
     """Three panels against epoch: accuracies, H(Y|X), test −ELBO; mean and ±1 std band."""
-    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    axes = fig.subplots(1, 3)
     panels = (
         (axes[0], (("acc_majority", "-"), ("acc_hungarian", "--")), "test accuracy"),
         (axes[1], (("cond_entropy", "-"),), "H(Y|X) (nats)"),
@@ -163,13 +162,14 @@ def plot_curves(dirs, k, path):
                 ax.fill_between(epochs, mean - std, mean + std, color=COLORS[name], alpha=0.2)
         ax.set_xlabel("epoch")
         ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[1].set_ylim(0, 1.05 * math.log(k))
     axes[1].axhline(math.log(k), color="k", lw=0.8, ls=":", label=f"log K = {math.log(k):.2f}")
     axes[0].legend(fontsize=7)
     axes[1].legend(fontsize=7)
     fig.suptitle("solid: majority label (Shu's metric); dashed: Hungarian; band: ±1 std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def mean_std(values, scale=1.0, digits=2):

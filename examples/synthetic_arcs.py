@@ -142,13 +142,12 @@ def _ellipses(ax, loc, scale, colors):
 
 def plot_latents(all_snaps, test_labels, labels, path):
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     rows, cols = len(all_snaps), max(len(s) for s in all_snaps.values())
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.2 * rows), squeeze=False)
-    comp_colors = plt.get_cmap("tab10")
+    fig = Figure(figsize=(3.3 * cols, 3.2 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    comp_colors = matplotlib.colormaps["tab10"]
     for r, (key, snaps) in enumerate(all_snaps.items()):
         for c, (epoch, s) in enumerate(snaps.items()):
             ax = axes[r, c]
@@ -161,18 +160,15 @@ def plot_latents(all_snaps, test_labels, labels, path):
     )
     fig.tight_layout()
     fig.savefig(path, dpi=70)
-    plt.close(fig)
 
 
 def plot_zprior(run_dirs, labels, free_bits, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from pyro_gmvae.run import read_metrics
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     for key, run_dir in run_dirs.items():
         rows = read_metrics(run_dir)
         ax.plot([r["epoch"] for r in rows], [r["cluster_kl"] for r in rows], label=labels[key])
@@ -183,7 +179,6 @@ def plot_zprior(run_dirs, labels, free_bits, path):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 @torch.no_grad()
@@ -204,10 +199,7 @@ def sample_model(run_dir, n, seed=0):
 
 def plot_density(train_x, samples, k, seed, path):
     """Data | the model's p(obs) (histogram of its samples) | a GaussianMixture's density."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from sklearn.mixture import GaussianMixture
 
     lo, hi = train_x.min(0) - 0.2, train_x.max(0) + 0.2
@@ -220,7 +212,8 @@ def plot_density(train_x, samples, k, seed, path):
     # Fraction of the model's samples that fall inside the plotted box (the rest are off-plot).
     inside = np.mean(np.all((samples >= lo) & (samples <= hi), axis=1))
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    fig = Figure(figsize=(12, 4))
+    axes = fig.subplots(1, 3)
     axes[0].scatter(*train_x[:5000].T, s=1, alpha=0.4)
     axes[0].set_title("training data")
     extent = (lo[0], hi[0], lo[1], hi[1])
@@ -233,7 +226,6 @@ def plot_density(train_x, samples, k, seed, path):
         ax.set_ylim(lo[1], hi[1])
     fig.tight_layout()
     fig.savefig(path, dpi=70)
-    plt.close(fig)
     return {"gmm_train_loglik_per_point": float(gmm.score(train_x)), "samples_in_view": inside}
 
 
