@@ -176,6 +176,7 @@ def plot_zprior(run_dirs, labels, free_bits, path):
     ax.set_xlabel("epoch")
     ax.set_ylabel("z-prior term KL(p(c|x,w) || U(K)) (nats)")
     ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_ylim(bottom=0)  # a KL: never negative
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
