@@ -34,6 +34,7 @@ the authors' MNIST script. Every error in the flags is reported in one line, bef
 import argparse
 import dataclasses
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import torch
 
 from pyro_gmvae import MODELS
 from pyro_gmvae.data import DatasetNotFoundError, binarize_fixed, load_dataset
-from pyro_gmvae.estimators import ESTIMATORS, make_estimator
+from pyro_gmvae.estimators import ESTIMATORS
 from pyro_gmvae.guides import GUIDES
 from pyro_gmvae.run import (
     CHECKPOINT,
@@ -54,7 +55,13 @@ from pyro_gmvae.run import (
     load_run,
     run,
 )
-from pyro_gmvae.train import OPTIMIZERS, NonFiniteLossError, resolve_device
+from pyro_gmvae.train import (
+    OPTIMIZERS,
+    NonFiniteLossError,
+    Trainer,
+    kl_weight_schedule,
+    resolve_device,
+)
 
 DEFAULTS = RunConfig()
 # Settings that differ from RunConfig's defaults for one model or dataset; a flag overrides them.
@@ -309,23 +316,13 @@ def check_config(cfg: RunConfig, parser, download=False):
         cfg.validate()
     except ValueError as err:
         field, _, message = str(err).partition(": ")
-        parser.error(f"argument {'/'.join(flag(f) for f in field.split('/'))}: {message}")
+        flags = "/".join(flag(f) for f in field.split("/"))
+        parser.error(f"argument {flags}: {one_line(message)}")
     try:
         device = resolve_device(cfg.device)
     except (ValueError, RuntimeError) as err:
         parser.error(f"argument --device: {err}")
-    # Built once on the CPU only to surface a guide or estimator that does not fit the model.
-    shape = IMAGE_SHAPES.get(cfg.dataset)
-    try:
-        # fork_rng: these throwaway weights must not consume the run's random stream.
-        with torch.random.fork_rng(devices=[]):
-            model, guide = build_model(cfg, math.prod(shape) if shape else 2, shape)
-    except ValueError as err:
-        parser.error(f"argument {'--guide' if 'guide' in str(err) else '--model'}: {err}")
-    try:
-        make_estimator(cfg.estimator, model=model, guide=guide, num_particles=cfg.mc_samples)
-    except ValueError as err:
-        parser.error(f"argument --elbo: {err}")
+    dry_run(cfg, parser)
     if cfg.dataset == "arcs":
         return device, None
     try:
@@ -333,6 +330,40 @@ def check_config(cfg: RunConfig, parser, download=False):
     except DatasetNotFoundError as err:
         parser.error(f"argument --data-dir: {data_message(err)}")
     return device, test
+
+
+def dry_run(cfg: RunConfig, parser) -> None:
+    """Build the model, guide and trainer on the CPU and compute the loss of one fake batch of
+    two points: a guide or estimator that does not fit the model (or the KL weight / free bits)
+    fails here, in one line, instead of after the data are loaded."""
+    shape = IMAGE_SHAPES.get(cfg.dataset)
+    data_dim = math.prod(shape) if shape else 2
+    # fork_rng: the throwaway weights and draws must not consume the run's random stream.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model, guide = build_model(cfg, data_dim, shape)
+        except ValueError as err:
+            parser.error(
+                f"argument {'--guide' if 'guide' in str(err) else '--model'}: {one_line(err)}"
+            )
+        fake = torch.rand(2, data_dim)
+        if model.likelihood == "bernoulli":
+            fake = torch.bernoulli(fake)
+        try:
+            trainer = Trainer(
+                model, guide, estimator=cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr,
+                clip_norm=cfg.clip_norm, free_bits=cfg.free_bits, num_particles=cfg.mc_samples,
+                kl_weight=kl_weight_schedule(0, cfg.kl_weight, cfg.kl_warmup_epochs),
+                device="cpu", seed=cfg.seed, on_nan=cfg.on_nan,
+            )  # fmt: skip
+            trainer.loss(fake)
+        except ValueError as err:
+            parser.error(f"argument --elbo: {one_line(err)}")
+
+
+def one_line(err) -> str:
+    # Pyro appends the trace's shape table to errors raised inside a model or guide.
+    return " ".join(re.split(r"\n\s*Trace Shapes:", str(err))[0].split())
 
 
 def data_message(err) -> str:
