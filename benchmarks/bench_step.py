@@ -602,7 +602,7 @@ def print_config(r, peak):
         "reads",
         "loss",
     )
-    print(f"{cols[0]:<19}" + "".join(f"{c:>10}" for c in cols[1:]))
+    print(f"{cols[0]:<19}" + "".join(f"{c:>10}" for c in cols[1:-1]) + f"{cols[-1]:>16}")
     for name, v in r["impls"].items():
         cells = (
             _fmt(v["step_s"], 1e-3, ".2f"),
@@ -616,7 +616,7 @@ def print_config(r, peak):
             str(v["host_reads_per_step"]),
             _fmt(v["loss"], 1, ".3f"),
         )
-        print(f"{name:<19}" + "".join(f"{c:>10}" for c in cells))
+        print(f"{name:<19}" + "".join(f"{c:>10}" for c in cells[:-1]) + f"{cells[-1]:>16}")
     quart = r["ratio_quartiles"]
     print(f"ratios of {basis} time, paired by round (median [quartiles]): " + ", ".join(
         f"{k} {v:.3f} [{quart[k][0]:.2f}, {quart[k][1]:.2f}]" for k, v in r["ratios"].items()))  # fmt: skip
