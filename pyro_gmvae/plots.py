@@ -91,7 +91,7 @@ def plot_image_grid(images, path, image_shape, row_labels=None, title=None, xlab
         ax.set_xlabel(xlabel, fontsize=9)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return _save(fig, path, tight=True)
 
 
 def plot_confusion(counts, path, title=None):
@@ -130,11 +130,11 @@ def plot_scatter(points, clusters, path, title=None):
     return _save(fig, path)
 
 
-def _save(fig, path):
+def _save(fig, path, tight=False):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # "tight" on top of the constrained layout: long row labels are never clipped.
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    # "tight" (a second draw) only where the constrained layout clips long row labels.
+    fig.savefig(path, dpi=100, bbox_inches="tight" if tight else None)
     return path
 
 
