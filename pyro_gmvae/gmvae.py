@@ -1,9 +1,8 @@
 """The "real" GMVAE of Rui Shu's analysis: a Gaussian mixture prior on z."""
 
-import torch
-
 import pyro
 import pyro.distributions as dist
+import torch
 
 from .base import MixtureVAE
 from .m2 import _mean_image
@@ -23,11 +22,15 @@ class GMVAE(MixtureVAE):
 
     name = "gmvae"
 
-    def __init__(self, data_dim=784, k=10, z_dim=64, hidden=(512, 512), likelihood="bernoulli", min_var=1e-4):
+    def __init__(
+        self, data_dim=784, k=10, z_dim=64, hidden=(512, 512), likelihood="bernoulli", min_var=1e-4
+    ):
         super().__init__(data_dim, k, likelihood)
         self.z_dim, self.hidden, self.min_var = z_dim, tuple(hidden), min_var
         self.prior = GaussianHead(k, z_dim, min_var)  # p(z|y), linear in one-hot y
-        self.decoder = mlp([z_dim, *hidden, decoder_out_features(data_dim, likelihood)], final_activation=False)
+        self.decoder = mlp(
+            [z_dim, *hidden, decoder_out_features(data_dim, likelihood)], final_activation=False
+        )
         xavier_init(self)
 
     def model(self, x):
@@ -35,7 +38,11 @@ class GMVAE(MixtureVAE):
         pyro.module(self.name, self)
         with pyro.plate("data", x.shape[0]):
             # Summed out exactly: enumeration gives y a leading (K, 1, K) one-hot value.
-            y = pyro.sample("y", dist.OneHotCategorical(logits=self.cluster_logits), infer={"enumerate": "parallel"})
+            y = pyro.sample(
+                "y",
+                dist.OneHotCategorical(logits=self.cluster_logits),
+                infer={"enumerate": "parallel"},
+            )
             z = pyro.sample("z", dist.Normal(*self.prior(y)).to_event(1))
             pyro.sample("x", observation_dist(self.decoder(z), self.likelihood), obs=x)
 

@@ -1,11 +1,10 @@
 """The Gaussian-mixture VAE of Dilokthanakul et al. (2016), with latents w, x and cluster c."""
 
+import pyro
+import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import pyro
-import pyro.distributions as dist
 
 from .base import MixtureVAE
 from .m2 import _mean_image
@@ -60,7 +59,9 @@ class GMVAEW(MixtureVAE):
         """μ_c(w) and σ_c(w) for every cluster: two tensors of shape (..., K, x_dim)."""
         h = self.prior_net(w)
         shape = (*w.shape[:-1], self.k, self.x_dim)
-        return self.prior_loc(h).reshape(shape), positive(self.prior_var(h), self.min_var).sqrt().reshape(shape)
+        return self.prior_loc(h).reshape(shape), positive(
+            self.prior_var(h), self.min_var
+        ).sqrt().reshape(shape)
 
     def cluster_log_posterior(self, x, w):
         """log p(c | x, w), shape (..., K): exact, from Bayes' rule over the K components."""
@@ -74,7 +75,11 @@ class GMVAEW(MixtureVAE):
         with pyro.plate("data", obs.shape[0]):
             w = pyro.sample("w", dist.Normal(obs.new_zeros(self.w_dim), 1.0).to_event(1))
             # Enumerated here unless the guide supplies c (then replayed from the guide).
-            c = pyro.sample("c", dist.OneHotCategorical(logits=self.cluster_logits), infer={"enumerate": "parallel"})
+            c = pyro.sample(
+                "c",
+                dist.OneHotCategorical(logits=self.cluster_logits),
+                infer={"enumerate": "parallel"},
+            )
             loc, scale = self.components(w)  # (..., B, K, x_dim)
             # c is one-hot with a leading enumeration dim, (K, 1, K): select by contraction.
             c = c.unsqueeze(-1)

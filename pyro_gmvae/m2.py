@@ -1,10 +1,9 @@
 """Kingma et al. (2014) M2 used without labels, and Rui Shu's modified M2."""
 
-import torch
-from torch import nn
-
 import pyro
 import pyro.distributions as dist
+import torch
+from torch import nn
 
 from .base import MixtureVAE
 from .nets import JointLinear, decoder_out_features, mlp, observation_dist, positive, xavier_init
@@ -23,11 +22,15 @@ class M2(MixtureVAE):
 
     name = "m2"
 
-    def __init__(self, data_dim=784, k=10, z_dim=64, hidden=(512, 512), likelihood="bernoulli", min_var=1e-4):
+    def __init__(
+        self, data_dim=784, k=10, z_dim=64, hidden=(512, 512), likelihood="bernoulli", min_var=1e-4
+    ):
         super().__init__(data_dim, k, likelihood)
         self.z_dim, self.hidden, self.min_var = z_dim, tuple(hidden), min_var
         self.decoder_in = JointLinear(z_dim, k, hidden[0])  # first layer on [z, y]
-        self.decoder = mlp([*hidden, decoder_out_features(data_dim, likelihood)], final_activation=False)
+        self.decoder = mlp(
+            [*hidden, decoder_out_features(data_dim, likelihood)], final_activation=False
+        )
         xavier_init(self.decoder)
 
     def decode(self, z, y):
@@ -39,7 +42,11 @@ class M2(MixtureVAE):
         pyro.module(self.name, self)
         with pyro.plate("data", x.shape[0]):
             # Summed out exactly: enumeration gives y a leading (K, 1, K) one-hot value.
-            y = pyro.sample("y", dist.OneHotCategorical(logits=self.cluster_logits), infer={"enumerate": "parallel"})
+            y = pyro.sample(
+                "y",
+                dist.OneHotCategorical(logits=self.cluster_logits),
+                infer={"enumerate": "parallel"},
+            )
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
             pyro.sample("x", observation_dist(self.decode(z, y), self.likelihood), obs=x)
 
@@ -75,7 +82,9 @@ class ModifiedM2(M2):
         self.h_loc = nn.Linear(k, z_dim)
         self.h_var = nn.Linear(k, z_dim)
         self.h_activation = h_activation
-        self.decoder = mlp([z_dim, *hidden, decoder_out_features(data_dim, likelihood)], final_activation=False)
+        self.decoder = mlp(
+            [z_dim, *hidden, decoder_out_features(data_dim, likelihood)], final_activation=False
+        )
         xavier_init(self)
 
     def decode(self, z, y):

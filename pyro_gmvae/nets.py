@@ -7,11 +7,10 @@ of the cluster (and vectorised particles) prepend dims such as (K, 1, ...) to th
 import math
 import numbers
 
+import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-import pyro.distributions as dist
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 
@@ -135,7 +134,9 @@ class JointLinear(nn.Module):
 
     def as_linear(self) -> nn.Linear:
         """The same map as one ``nn.Linear`` on [a, b] (for tests and the naive reference)."""
-        lin = nn.Linear(self.linear_a.in_features + self.linear_b.in_features, self.linear_a.out_features)
+        lin = nn.Linear(
+            self.linear_a.in_features + self.linear_b.in_features, self.linear_a.out_features
+        )
         with torch.no_grad():
             lin.weight.copy_(torch.cat([self.linear_a.weight, self.linear_b.weight], dim=-1))
             lin.bias.copy_(self.linear_a.bias)

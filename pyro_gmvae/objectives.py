@@ -18,15 +18,16 @@ al. 2016) with the KL taken as the minibatch mean: no gradient while the mean KL
 
 import warnings
 
-import torch
-
 import pyro
+import torch
 from pyro.poutine.messenger import Messenger
 
 # The penalty is one global term computed from plated samples (gmvae_w's posterior depends on the
 # sampled x, w). It has no enumerated dims and is reparameterised, so TraceEnum_ELBO's ordering
 # warning about it does not apply (the hand-computed tests check loss and gradients).
-warnings.filterwarnings("ignore", message='at guide site "cluster_kl_penalty", possibly invalid dependency')
+warnings.filterwarnings(
+    "ignore", message='at guide site "cluster_kl_penalty", possibly invalid dependency'
+)
 
 
 def cluster_kl(fn, log_prior: torch.Tensor) -> torch.Tensor:
@@ -87,12 +88,17 @@ def cluster_objective(model, guide, cluster_site: str, log_prior, kl_weight=1.0,
         )
     if free_bits == 0.0 and kl_weight > 0:
         # Scaling both cluster sites scales exactly E_q[log p(y) - log q(y|x)] = -KL.
-        return SiteScaleMask(cluster_site, scale=kl_weight)(model), SiteScaleMask(cluster_site, scale=kl_weight)(guide)
+        return SiteScaleMask(cluster_site, scale=kl_weight)(model), SiteScaleMask(
+            cluster_site, scale=kl_weight
+        )(guide)
 
     def thresholded_guide(*args, **kwargs):
         get_prior = log_prior if callable(log_prior) else (lambda: log_prior)
         # Masking removes the exact KL term while q(y|x) still weights every other term.
-        with RecordClusterKL(cluster_site, get_prior()) as record, SiteScaleMask(cluster_site, mask=False):
+        with (
+            RecordClusterKL(cluster_site, get_prior()) as record,
+            SiteScaleMask(cluster_site, mask=False),
+        ):
             out = guide(*args, **kwargs)
         if record.kl is None:
             raise ValueError(f"the guide did not sample the cluster site {cluster_site!r}")
