@@ -102,8 +102,8 @@ def config(args, model, estimator, seed, out):
         model=model, guide=guide_for(model, estimator), estimator=estimator, k=args.k,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, hidden=args.hidden,
         latent_dim=args.latent_dim, mc_samples=num_particles(args, estimator), dataset=args.dataset,
-        data_dir=args.data_dir, limit=args.limit, device=args.device, seed=seed, out=str(out),
-        iw_samples=args.iw_samples, progress=args.progress,
+        data_dir=args.data_dir, limit=args.limit, test_limit=args.test_limit, device=args.device,
+        seed=seed, out=str(out), iw_samples=args.iw_samples, progress=args.progress,
         binarize="none" if args.dataset == "arcs" else "dynamic",
     )  # fmt: skip
 
@@ -127,26 +127,10 @@ def refusal(args, model, estimator):
     return None
 
 
-def limit_test_set(n):
-    """Evaluate on the first ``n`` test points only (a CPU budget measure)."""
-    import pyro_gmvae.run as run_module
-
-    load = getattr(run_module.load_data, "__wrapped__", run_module.load_data)
-
-    def load_data(cfg, device):
-        train, test = load(cfg, device)
-        return train, test.subset(n)
-
-    load_data.__wrapped__ = load
-    run_module.load_data = load_data
-
-
 def train_all(args):
     """({(model, estimator): [run_dir per seed]}, {(model, estimator): why it was refused})."""
     from pyro_gmvae.run import run
 
-    if args.test_limit:
-        limit_test_set(args.test_limit)
     dirs, refused = {}, {}
     for model in args.models:
         for estimator in args.estimators:

@@ -95,27 +95,10 @@ def pairs(models, guides):
     return list(dict.fromkeys(out))
 
 
-def limit_test_set(n):
-    """Make :func:`pyro_gmvae.run.run` evaluate on the first ``n`` test points only (a CPU budget
-    measure: evaluating all 10k test images, K decoder passes each, can cost more than an epoch)."""
-    import pyro_gmvae.run as run_module
-
-    load = getattr(run_module.load_data, "__wrapped__", run_module.load_data)
-
-    def load_data(cfg, device):
-        train, test = load(cfg, device)
-        return train, test.subset(n)
-
-    load_data.__wrapped__ = load
-    run_module.load_data = load_data
-
-
 def train_all(args) -> dict:
     """{(model, guide): [run_dir per seed]}; a finished run is reused, an interrupted one resumed."""
     from pyro_gmvae.run import RunConfig, run
 
-    if args.test_limit:
-        limit_test_set(args.test_limit)
     dirs = {}
     for model, guide in pairs(args.models, args.guides):
         dirs[model, guide] = []
@@ -129,8 +112,8 @@ def train_all(args) -> dict:
                 model=model, guide=guide, estimator="relaxed" if guide == "relaxed" else "enum",
                 k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 hidden=args.hidden, latent_dim=args.z_dim, dataset=args.dataset,
-                data_dir=args.data_dir, limit=args.limit, device=args.device, seed=seed,
-                out=str(run_dir), progress=args.progress,
+                data_dir=args.data_dir, limit=args.limit, test_limit=args.test_limit,
+                device=args.device, seed=seed, out=str(run_dir), progress=args.progress,
             )  # fmt: skip
             summary = run(cfg, resume=(run_dir / "checkpoint.pt").exists())
             print(

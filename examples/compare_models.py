@@ -22,7 +22,6 @@ Example (the reduced CPU budget of docs/results.md)::
 """
 
 import argparse
-import contextlib
 import json
 import math
 from pathlib import Path
@@ -69,30 +68,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
-def first_test_points(n):
-    """While active, :func:`pyro_gmvae.run.run` evaluates on the first ``n`` test points only.
-
-    RunConfig has no test-set limit, and on a shared CPU the per-epoch evaluation of all 10k
-    test images (K decoder passes each) costs more than an epoch of a reduced training budget.
-    ``n`` None changes nothing. The library function is restored on exit.
-    """
-    import pyro_gmvae.run as run_module
-
-    load = run_module.load_data
-    if n:
-
-        def load_data(cfg, device):
-            train, test = load(cfg, device)
-            return train, test.subset(n)
-
-        run_module.load_data = load_data
-    try:
-        yield
-    finally:
-        run_module.load_data = load
-
-
 def train_all(args) -> dict:
     """{model: [run_dir per seed]}; a finished run is reused, an interrupted one resumed."""
     from pyro_gmvae.run import RunConfig, run
@@ -107,8 +82,8 @@ def train_all(args) -> dict:
             cfg = RunConfig(
                 model=name, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 hidden=args.hidden, latent_dim=args.z_dim, dataset=args.dataset,
-                data_dir=args.data_dir, limit=args.limit, device=args.device, seed=seed,
-                out=str(run_dir), progress=args.progress,
+                data_dir=args.data_dir, limit=args.limit, test_limit=args.test_limit,
+                device=args.device, seed=seed, out=str(run_dir), progress=args.progress,
             )  # fmt: skip
             if (run_dir / "summary.json").exists():
                 saved = json.loads((run_dir / "summary.json").read_text())
@@ -195,8 +170,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with first_test_points(args.test_limit):
-        dirs = train_all(args)
+    dirs = train_all(args)
     plot_curves(dirs, args.k, out / "curves.png")
     table, summaries = final_table(dirs)
     std = "population std (numpy default)"

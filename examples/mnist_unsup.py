@@ -233,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the first N training images only (smoke runs; default: all)",
     )
     g.add_argument(
+        "--test-limit",
+        type=int_at_least(1),
+        help="evaluate on the first N test images only (each evaluation costs K decoder passes "
+        "per image; default: all); a resumed run keeps it",
+    )
+    g.add_argument(
         "--binarize",
         choices=("dynamic", "none"),
         help="'dynamic': a fresh Bernoulli draw of every batch (both sources); "
@@ -374,11 +380,14 @@ def data_message(err) -> str:
 
 
 def evaluated_test_set(cfg: RunConfig, test, device):
-    """The test set exactly as run() evaluates it (binarised once with the run's seed)."""
+    """The test set exactly as run() evaluates it (binarised once with the run's seed, then cut
+    to --test-limit)."""
     if test is None:
         return load_data(cfg, device)[1]
     if cfg.binarize == "dynamic":
         test = dataclasses.replace(test, x=binarize_fixed(test.x, seed=cfg.seed))
+    if cfg.test_limit:
+        test = test.subset(cfg.test_limit)
     return test.to(device)
 
 

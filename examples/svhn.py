@@ -16,7 +16,6 @@ The data are read by ``torchvision.datasets.SVHN`` from ``--data-dir`` (or $PYRO
 """
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -42,30 +41,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-@contextlib.contextmanager
-def first_test_points(n):
-    """While active, :func:`pyro_gmvae.run.run` evaluates on the first ``n`` test points only.
-
-    RunConfig has no test-set limit, and on a shared CPU the per-epoch evaluation of all 10k
-    test images (K decoder passes each) costs more than an epoch of a reduced training budget.
-    ``n`` None changes nothing. The library function is restored on exit.
-    """
-    import pyro_gmvae.run as run_module
-
-    load = run_module.load_data
-    if n:
-
-        def load_data(cfg, device):
-            train, test = load(cfg, device)
-            return train, test.subset(n)
-
-        run_module.load_data = load_data
-    try:
-        yield
-    finally:
-        run_module.load_data = load
-
-
 def main(argv=None):
     from pyro_gmvae.plots import plot_image_grid, sample_grid
     from pyro_gmvae.run import RunConfig, load_run, run
@@ -74,13 +49,13 @@ def main(argv=None):
     out = Path(args.out)
     cfg = RunConfig(
         model="gmvae_w", arch="conv", dataset="svhn", likelihood="gaussian", binarize="none",
-        k=args.k, epochs=args.epochs, limit=args.limit, latent_dim=args.x_dim, w_dim=args.w_dim,
-        hidden=args.hidden, batch_size=args.batch_size, lr=args.lr, free_bits=args.free_bits,
+        k=args.k, epochs=args.epochs, limit=args.limit, test_limit=args.test_limit,
+        latent_dim=args.x_dim, w_dim=args.w_dim, hidden=args.hidden, batch_size=args.batch_size,
+        lr=args.lr, free_bits=args.free_bits,
         seed=args.seed, data_dir=args.data_dir, device=args.device, out=str(out / "run"),
         eval_batch_size=500, progress=args.progress,
     )  # fmt: skip
-    with first_test_points(args.test_limit):
-        summary = run(cfg, resume=(out / "run" / "checkpoint.pt").exists())
+    summary = run(cfg, resume=(out / "run" / "checkpoint.pt").exists())
     model, _ = load_run(out / "run")
     images = sample_grid(model, n_cols=args.cols, seed=args.seed)
     plot_image_grid(

@@ -28,7 +28,6 @@ Example::
 """
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -78,30 +77,6 @@ def parse_args(argv=None):
     return args
 
 
-@contextlib.contextmanager
-def first_test_points(n):
-    """While active, :func:`pyro_gmvae.run.run` evaluates on the first ``n`` test points only.
-
-    RunConfig has no test-set limit, and on a shared CPU the per-epoch evaluation of all 10k
-    test images (K decoder passes each) costs more than an epoch of a reduced training budget.
-    ``n`` None changes nothing. The library function is restored on exit.
-    """
-    import pyro_gmvae.run as run_module
-
-    load = run_module.load_data
-    if n:
-
-        def load_data(cfg, device):
-            train, test = load(cfg, device)
-            return train, test.subset(n)
-
-        run_module.load_data = load_data
-    try:
-        yield
-    finally:
-        run_module.load_data = load
-
-
 def train_all(args) -> dict:
     """{(K, M): [summary per seed]}; finished runs are reused, interrupted ones resumed."""
     from pyro_gmvae.run import RunConfig, run
@@ -117,7 +92,8 @@ def train_all(args) -> dict:
                     batch_size=args.batch_size, lr=args.lr, free_bits=args.free_bits,
                     hidden=args.hidden, latent_dim=args.x_dim, w_dim=args.w_dim,
                     dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
-                    device=args.device, out=str(run_dir), progress=args.progress,
+                    test_limit=args.test_limit, device=args.device, out=str(run_dir),
+                    progress=args.progress,
                     eval_every=args.epochs,  # only the final evaluation enters the table
                 )  # fmt: skip
                 summary_path = run_dir / "summary.json"
@@ -166,8 +142,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with first_test_points(args.test_limit):
-        results = train_all(args)
+    results = train_all(args)
     test = f"first {args.test_limit} test images" if args.test_limit else "the 10k test images"
     note = (
         f"GMVAE-w, mode {args.mode}: {args.epochs} epochs on "

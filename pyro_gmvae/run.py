@@ -61,6 +61,9 @@ class RunConfig:
     dataset: str = "mnist"
     data_dir: str | None = None
     limit: int | None = None  # use the first N training points
+    # Evaluate on the first N test points (None: all). A budget measure: every evaluation costs
+    # K decoder passes per test point. It changes what metrics.jsonl holds, so not resumable.
+    test_limit: int | None = None
     binarize: str = "dynamic"
     device: str | None = None
     seed: int = 0
@@ -108,7 +111,7 @@ class RunConfig:
             minimum = 2 if name == "k" else 1
             if not isinstance(value, int) or value < minimum:
                 bad(name, f"must be an integer >= {minimum}, got {value!r}")
-        for name in ("limit", "hidden", "latent_dim", "w_dim"):
+        for name in ("limit", "test_limit", "hidden", "latent_dim", "w_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, f"must be a positive integer, got {value!r}")
@@ -156,18 +159,31 @@ class RunConfig:
 
 
 def load_data(cfg: RunConfig, device):
-    """(train, test) datasets on the device; the test set binarised once, with a fixed seed."""
+    """(train, test) datasets on the device; the test set binarised once, with a fixed seed.
+
+    ``cfg.test_limit`` keeps the first N test points (all of them when N exceeds the split),
+    cut after the fixed binarisation, so they are exactly the first N of the full evaluation.
+    The arcs test set is generated: N points are drawn when N exceeds its default size
+    (``limit // 5``, at least K), else its first N are kept.
+    """
     if cfg.dataset == "arcs":
         n = cfg.limit or 10_000
-        train, test = make_arcs(n, seed=cfg.seed), make_arcs(max(n // 5, cfg.k), seed=cfg.seed + 1)
+        n_test = max(n // 5, cfg.k, cfg.test_limit or 0)
+        train, test = make_arcs(n, seed=cfg.seed), make_arcs(n_test, seed=cfg.seed + 1)
+        if cfg.test_limit:
+            test = test.subset(cfg.test_limit)
         return train.to(device), test.to(device)
     train = load_dataset(
         cfg.dataset, train=True, data_dir=cfg.data_dir, limit=cfg.limit, device=device
     )
-    test = load_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, device=device)
+    # Without binarisation the cut can happen at load time (SVHN's test split is 26k images).
+    early = None if cfg.binarize == "dynamic" else cfg.test_limit
+    test = load_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, limit=early, device=device)
     if cfg.binarize == "dynamic":
         # A fixed draw keeps test metrics free of binarisation noise between evaluations.
         test = dataclasses.replace(test, x=binarize_fixed(test.x, seed=cfg.seed))
+    if cfg.test_limit:
+        test = test.subset(cfg.test_limit)
     return train, test
 
 

@@ -515,8 +515,11 @@ def test_compare_elbos_script(tmp_path):
     result = script.main(
         ["--dataset", "arcs", "--models", "gmvae", "--estimators", "enum", "score", "tmc",
          "--k", "3", "--limit", "200", "--epochs", "1", "--seeds", "0", "--hidden", "4",
-         "--latent-dim", "2", "--batch-size", "100", "--grad-draws", "3", "--out", str(out)]
+         "--latent-dim", "2", "--batch-size", "100", "--grad-draws", "3", "--test-limit", "30",
+         "--out", str(out)]
     )  # fmt: skip
+    config = json.loads((out / "gmvae" / "enum" / "seed0" / "config.json").read_text())
+    assert config["test_limit"] == 30  # --test-limit reaches the run
     assert set(result["summaries"]) == {"gmvae/enum", "gmvae/score"}
     assert "zero gradient" in result["refused"]["gmvae/tmc"]
     grads = result["gradients"]["gmvae"]

@@ -94,8 +94,10 @@ def test_compare_models(fake_mnist, tmp_path):
         for seed in (0, 1):
             metrics = read_metrics(out / name / f"seed{seed}")
             assert [r["epoch"] for r in metrics] == [1, 2]
-            # The test subset was used: the evaluation's contingency holds 50 points.
             assert all(0 <= r["cond_entropy"] <= math.log(10) + 1e-6 for r in metrics)
+            # --test-limit reaches the run: it evaluated on the first 50 test images.
+            config = json.loads((out / name / f"seed{seed}" / "config.json").read_text())
+            assert config["test_limit"] == 50
     check_png(out / "curves.png")
     rows = table_rows((out / "results.md").read_text())
     assert [r[0] for r in rows] == ["M2", "modified M2", "GMVAE"]
@@ -104,10 +106,6 @@ def test_compare_models(fake_mnist, tmp_path):
         assert 0 <= mean <= 100 and std >= 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["args"]["seeds"] == [0, 1] and len(saved["summaries"]["gmvae"]) == 2
-    # The library function that the test-subset wrapper patches is restored afterwards.
-    import pyro_gmvae.run as run_module
-
-    assert run_module.load_data.__module__ == "pyro_gmvae.run"
     # A second call with the same budget reuses the finished runs instead of retraining.
     before = (out / "gmvae" / "seed0" / "summary.json").stat().st_mtime_ns
     script.main(argv)
@@ -152,6 +150,7 @@ def test_table1(fake_mnist, tmp_path):
     assert list(results) == [(10, 1), (10, 2), (16, 1), (16, 2)]
     cfg = json.loads((out / "K16_M2" / "seed1" / "config.json").read_text())
     assert (cfg["k"], cfg["mc_samples"], cfg["seed"], cfg["free_bits"]) == (16, 2, 1, 0.5)
+    assert cfg["test_limit"] == 50
     rows = table_rows((out / "table1.md").read_text())
     assert [(r[0], r[1], r[2]) for r in rows] == [
         ("10", "1", "2"), ("10", "2", "2"), ("16", "1", "2"), ("16", "2", "2")
@@ -196,10 +195,12 @@ def test_svhn(tmp_path, monkeypatch):
     script = load_script("svhn")
     out = tmp_path / "svhn"
     summary = script.main(["--k", "3", "--epochs", "1", "--x-dim", "4", "--w-dim", "2",
-                           "--hidden", "8", "--batch-size", "20", "--cols", "4",
-                           "--data-dir", str(tmp_path), "--device", "cpu", "--out", str(out)])  # fmt: skip
+                           "--hidden", "8", "--batch-size", "20", "--cols", "4", "--test-limit",
+                           "10", "--data-dir", str(tmp_path), "--device", "cpu",
+                           "--out", str(out)])  # fmt: skip
     cfg = json.loads((out / "run" / "config.json").read_text())
     assert (cfg["arch"], cfg["likelihood"], cfg["binarize"]) == ("conv", "gaussian", "none")
+    assert cfg["test_limit"] == 10  # SVHN is not binarised: cut as it is loaded
     assert summary["epoch"] == 1 and math.isfinite(summary["test_elbo"])
     check_png(out / "samples.png")
     assert json.loads((out / "summary.json").read_text())["k"] == 3

@@ -32,8 +32,8 @@ needs_mnist = pytest.mark.skipif(
 )
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
-SMOKE = ["--limit", "200", "--batch-size", "50", "--epochs", "1", "--hidden", "16",
-         "--latent-dim", "4", "--eval-every", "1", "--no-progress"]  # fmt: skip
+SMOKE = ["--limit", "200", "--test-limit", "2000", "--batch-size", "50", "--epochs", "1",
+         "--hidden", "16", "--latent-dim", "4", "--eval-every", "1", "--no-progress"]  # fmt: skip
 FIGURES = ("curves", "samples", "traversal", "reconstructions", "confusion")
 ACCURACIES = ("acc_hungarian", "acc_majority", "acc_aae")
 
@@ -106,6 +106,7 @@ def test_smoke_run_outputs(smoke_runs, model):
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["model"], config["k"], config["epochs"], config["limit"]) == (model, k, 1, 200)
     assert config["hidden"] == 16 and config["latent_dim"] == 4 and "versions" in config
+    assert config["test_limit"] == 2000
 
     rows = read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [1] and rows[0]["step"] == 200 // 50
@@ -204,6 +205,7 @@ BAD_FLAGS = [
     (["--lr", "0"], "--lr"),
     (["--epochs", "two"], "--epochs"),
     (["--limit", "10", "--batch-size", "50"], "--limit"),
+    (["--test-limit", "0"], "--test-limit"),
     (["--model", "gmvae", "--w-dim", "4"], "--w-dim"),
     (["--dataset", "cifar"], "--dataset"),
     (["--device", "banana"], "--device"),
@@ -259,6 +261,9 @@ def test_existing_run_and_resume_errors(script, monkeypatch, capsys, smoke_runs,
         script, monkeypatch, capsys, ["--resume", "--out", done, "--lr", "0.1"], "--resume"
     )
     assert "--lr" in err and "--epochs" in err
+    # The test subset decides what metrics.jsonl holds: a resume keeps it too.
+    argv = ["--resume", "--out", done, "--test-limit", "500"]
+    expect_flag_error(script, monkeypatch, capsys, argv, "--test-limit")
 
 
 def test_bad_flag_in_a_real_process(tmp_path):
@@ -285,8 +290,8 @@ def test_help_covers_every_flag(script, capsys):
     for name in ("--model", "--guide", "--elbo", "--k", "--epochs", "--batch-size", "--lr",
                  "--free-bits", "--kl-weight", "--kl-warmup-epochs", "--mc-samples", "--arch",
                  "--dataset", "--data-dir", "--device", "--seed", "--out", "--resume",
-                 "--eval-every", "--limit", "--hidden", "--latent-dim", "--w-dim", "--clip-norm",
-                 "--iw-samples", "--on-nan", "--no-progress"):  # fmt: skip
+                 "--eval-every", "--limit", "--test-limit", "--hidden", "--latent-dim", "--w-dim",
+                 "--clip-norm", "--iw-samples", "--on-nan", "--no-progress"):  # fmt: skip
         assert name in text, name
 
 

@@ -273,6 +273,8 @@ def test_load_run_gmvae_w_with_batchnorm_and_iw_summary(tmp_path, monkeypatch):
         ({"likelihood": "bernoulli"}, "likelihood"),
         ({"binarize": "dynamic"}, "binarize"),
         ({"limit": 40}, "limit"),
+        ({"test_limit": 0}, "test_limit"),
+        ({"test_limit": 2.5}, "test_limit"),
         ({"epochs": 0}, "epochs"),
         ({"batch_size": 0}, "batch_size"),
         ({"lr": 0.0}, "lr"),
@@ -300,6 +302,30 @@ def test_validate_names_the_flag(overrides, flag, tmp_path):
     with pytest.raises(ValueError, match=rf"^{flag}\b"):
         run(cfg)
     assert not (tmp_path / "never").exists()  # refused before any work
+
+
+def test_test_limit_evaluates_on_the_first_n_test_points(tmp_path, monkeypatch):
+    evaluated, real = [], R.evaluate
+
+    def recording(model, guide, x, labels, batch_size):
+        evaluated.append((x, labels))
+        return real(model, guide, x, labels, batch_size)
+
+    monkeypatch.setattr(R, "evaluate", recording)
+    cfg = config(tmp_path / "run", epochs=2, kl_warmup_epochs=0, test_limit=7)
+    run(cfg)
+    full = R.load_data(dataclasses.replace(cfg, test_limit=None), torch.device("cpu"))[1]
+    assert len(full) == 20  # the arcs test set: limit // 5 points
+    assert len(evaluated) == 2  # one evaluation per epoch, each on the first 7 test points
+    for x, labels in evaluated:
+        assert torch.equal(x, full.x[:7]) and torch.equal(labels, full.labels[:7])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["test_limit"] == 7
+    # More arcs test points than the default are drawn, not silently capped at 20.
+    big = R.load_data(dataclasses.replace(cfg, test_limit=50), torch.device("cpu"))[1]
+    assert len(big) == 50 and set(big.labels.tolist()) == set(range(5))
+    # It decides what metrics.jsonl holds, so a resume may not change it.
+    with pytest.raises(ValueError, match=r"\['test_limit'\]"):
+        run(dataclasses.replace(cfg, test_limit=None, epochs=3), resume=True)
 
 
 def test_free_bits_and_warm_up_reach_the_loss(tmp_path):
@@ -398,18 +424,21 @@ def test_a_small_mnist_run_and_load_run(tmp_path, monkeypatch):
     cfg = config(tmp_path, dataset="mnist", binarize="dynamic", k=10, hidden=16, latent_dim=4,
                  limit=200, batch_size=100, epochs=1, kl_warmup_epochs=0, eval_batch_size=2500,
                  data_dir=str(DATA_ROOT))  # fmt: skip
-    train, test = R.load_data(cfg, torch.device("cpu"))
-    assert train.x.shape == (200, 784) and test.x.shape == (10_000, 784)
-    assert ((test.x == 0) | (test.x == 1)).all()
-    assert torch.equal(R.load_data(cfg, torch.device("cpu"))[1].x, test.x)  # fixed draw
+    train, full = R.load_data(cfg, torch.device("cpu"))
+    assert train.x.shape == (200, 784) and full.x.shape == (10_000, 784)
+    assert ((full.x == 0) | (full.x == 1)).all()
+    assert torch.equal(R.load_data(cfg, torch.device("cpu"))[1].x, full.x)  # fixed draw
+    # Evaluated on 1000 of the 10k test images (the test ELBO is K decoder passes per image):
+    # the first 1000 of the full evaluation's fixed draw, not a fresh draw of 1000.
+    cfg = dataclasses.replace(cfg, test_limit=1000)
+    test = R.load_data(cfg, torch.device("cpu"))[1]
+    assert torch.equal(test.x, full.x[:1000]) and torch.equal(test.labels, full.labels[:1000])
 
     trainers = []
     init = Trainer.__init__
     monkeypatch.setattr(
         Trainer, "__init__", lambda self, *a, **k: (init(self, *a, **k), trainers.append(self))[0]
     )
-    # Evaluated on 1000 of the 10k test images: the test ELBO is K decoder passes per image.
-    monkeypatch.setattr(R, "load_data", lambda *a: (train, test.subset(1000)))
     summary = run(cfg)
     assert METRIC_KEYS <= set(summary) and summary["step"] == 2
     assert summary["test_elbo"] < 0
