@@ -145,7 +145,7 @@ def test_quick_benchmark_writes_documented_json(tmp_path):
     assert report["matmul"]["flops_per_s"] > 0
     assert [r["model"] for r in report["results"]] == list(MODELS)
     impl_keys = {"step_s", "epoch_s", "examples_per_s", "peak_mem_bytes", "flops_per_step", "flops_per_epoch",
-                 "achieved_flops_per_s", "fraction_of_matmul", "host_reads_per_step", "loss"}  # fmt: skip
+                 "achieved_flops_per_s", "fraction_of_matmul", "host_reads_per_step", "loss", "first_call_s"}  # fmt: skip
     for r in report["results"]:
         only = {"naive"} if r["model"] != "gmvae_w" else {"pyro_model_enum", "pyro_proposed"}
         expected = {"pyro", "pyro_noval", "reference"} | only
