@@ -4,6 +4,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.ops.indexing import Vindex
 from torch import nn
 
 from .base import MixtureVAE
@@ -54,14 +55,34 @@ class GMVAEW(MixtureVAE):
             channels = out // (data_dim // self.image_shape[0])
             self.decoder = ConvDecoder(x_dim, self.image_shape, channels)
         xavier_init(self)
+        self._last_components = _LastCall()
 
     def components(self, w):
-        """μ_c(w) and σ_c(w) for every cluster: two tensors of shape (..., K, x_dim)."""
+        """μ_c(w) and σ_c(w) for every cluster: two tensors of shape (..., K, x_dim).
+
+        The last result is reused for the same ``w`` tensor: under TraceEnum_ELBO the model
+        replays the guide's w, so the guide's p(c|x,w) and the model's p(x|c,w) share one pass of
+        the prior network (its largest layers). The reuse is keyed on the parameters' versions
+        and the grad mode, so an optimiser step or ``no_grad`` never sees a stale result.
+        """
+        key = (torch.is_grad_enabled(), tuple(p._version for p in self._prior_params))
+        last = self._last_components.entry
+        if last is not None and last[0] is w and last[1] == key:
+            return last[2]
         h = self.prior_net(w)
         shape = (*w.shape[:-1], self.k, self.x_dim)
-        return self.prior_loc(h).reshape(shape), positive(
-            self.prior_var(h), self.min_var
-        ).sqrt().reshape(shape)
+        loc = self.prior_loc(h).reshape(shape)
+        scale = positive(self.prior_var(h), self.min_var).sqrt().reshape(shape)
+        self._last_components.entry = (w, key, (loc, scale))
+        return loc, scale
+
+    @property
+    def _prior_params(self):
+        return (
+            *self.prior_net.parameters(),
+            *self.prior_loc.parameters(),
+            *self.prior_var.parameters(),
+        )
 
     def cluster_log_posterior(self, x, w):
         """log p(c | x, w), shape (..., K): exact, from Bayes' rule over the K components."""
@@ -81,9 +102,11 @@ class GMVAEW(MixtureVAE):
                 infer={"enumerate": "parallel"},
             )
             loc, scale = self.components(w)  # (..., B, K, x_dim)
-            # c is one-hot with a leading enumeration dim, (K, 1, K): select by contraction.
-            c = c.unsqueeze(-1)
-            x = pyro.sample("x", dist.Normal((c * loc).sum(-2), (c * scale).sum(-2)).to_event(1))
+            # c is one-hot with a leading enumeration dim, (K, 1, K): index by its argmax (K, 1),
+            # which broadcasts against the batch, rather than contract a (K, B, K, x_dim) product.
+            idx = c.argmax(-1)
+            loc, scale = Vindex(loc)[..., idx, :], Vindex(scale)[..., idx, :]
+            x = pyro.sample("x", dist.Normal(loc, scale).to_event(1))
             pyro.sample("obs", observation_dist(self.decoder(x), self.likelihood), obs=obs)
 
     @torch.no_grad()
@@ -99,3 +122,16 @@ class GMVAEW(MixtureVAE):
         loc, scale = (c.unsqueeze(-1) * loc).sum(-2), (c.unsqueeze(-1) * scale).sum(-2)
         x = loc if use_mean else loc + scale * torch.randn_like(loc)
         return _mean_image(self.decoder(x), self.likelihood)
+
+
+class _LastCall:
+    """Holds a method's last (input, key, output); dropped on copy and pickling (it holds a graph)."""
+
+    def __init__(self):
+        self.entry = None
+
+    def __deepcopy__(self, memo):
+        return _LastCall()
+
+    def __getstate__(self):
+        return {"entry": None}

@@ -1,6 +1,8 @@
 """Models and networks: shapes under enumeration, input errors, sampling, and a short training run
 that must cluster a synthetic mixture."""
 
+import copy
+
 import numpy as np
 import pyro
 import pytest
@@ -281,3 +283,22 @@ def test_short_training_clusters_a_synthetic_mixture(name):
     accuracy = hungarian_accuracy(labels.numpy(), probs.argmax(-1).numpy(), 3)
     assert end < 0.7 * start, (start, end)
     assert accuracy >= 0.6, accuracy
+
+
+def test_gmvae_w_reuses_the_prior_network_only_while_it_is_valid(make_tiny, binary_batch):
+    """components(w) is computed once per step (guide and model share it), never stale."""
+    model, guide = make_tiny("gmvae_w")
+    calls = []
+    model.prior_net.register_forward_hook(lambda *_: calls.append(1))
+    make_estimator("enum").loss(model.model, guide, binary_batch)
+    assert len(calls) == 1  # the guide's p(c|x,w) and the model's p(x|c,w) share one pass
+
+    w = torch.randn(4, model.w_dim, dtype=torch.float64)
+    first = model.components(w)[0]
+    assert model.components(w)[0] is first
+    with torch.no_grad():
+        model.prior_loc.bias.add_(1.0)  # an optimiser step changes the parameters in place
+    assert torch.allclose(model.components(w)[0], first + 1.0)
+    with torch.no_grad():
+        assert not model.components(w)[0].requires_grad  # grad mode is part of the key
+    assert copy.deepcopy(model)._last_components.entry is None
