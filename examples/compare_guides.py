@@ -150,6 +150,7 @@ def plot_curves(dirs, k, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     models = list(dict.fromkeys(m for m, _ in dirs))
     colors = dict(zip(GUIDES + ("exact_posterior",), plt.cm.tab10.colors))
@@ -170,6 +171,7 @@ def plot_curves(dirs, k, path):
                 ax.axhline(math.log(k), color="k", lw=0.8, ls=":", label="log K")
             ax.set_title(f"{model}: {title}")
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
         row[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
