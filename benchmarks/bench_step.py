@@ -8,8 +8,6 @@ weights (see ``benchmarks/README.md``):
 * ``pyro_noval``: the same inside ``pyro.validation_enabled(False)``;
 * ``pyro_model_enum`` (gmvae_w): the same guide modules with the cluster left to the model
   (``cluster="model"``), validation off;
-* ``pyro_proposed`` (gmvae_w): ``pyro_noval`` with the fix of ``benchmarks/proposals.py`` (the
-  prior network once per step, the component selected by indexing);
 * ``reference``: the hand-written enumerated loss (``benchmarks/reference.py``) + the same Adam step,
   with the factorised first layer W_x x + W_y y;
 * ``naive``: the hand-written loss with the first layer on the broadcast concatenation [x, y];
@@ -53,7 +51,6 @@ from torch.utils.flop_counter import FlopCounterMode
 if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.proposals import proposed  # noqa: E402
 from benchmarks.reference import has_naive_variant, reference_loss  # noqa: E402
 from pyro_gmvae import make_guide, make_model  # noqa: E402
 from pyro_gmvae.estimators import make_estimator  # noqa: E402
@@ -179,17 +176,6 @@ def make_impls(model, guide, names):
             def forward_backward(x, est=est, g=model_side):
                 with pyro.validation_enabled(False):
                     return est.loss_and_grads(model.model, g, x)
-
-            impls.append(Impl(name, forward_backward, params))
-        elif name == "pyro_proposed":
-            if model.name != "gmvae_w":
-                continue
-            p_model, p_guide = proposed(model, guide)
-            est = make_estimator("enum", model=p_model, guide=p_guide)
-
-            def forward_backward(x, est=est, m=p_model, g=p_guide):
-                with pyro.validation_enabled(False):
-                    return est.loss_and_grads(m.model, g, x)
 
             impls.append(Impl(name, forward_backward, params))
         elif name in ("reference", "naive"):
@@ -678,7 +664,7 @@ def main(argv=None):
 
 
 def _run(args, device):
-    impl_names = ["pyro", "pyro_noval", "pyro_model_enum", "pyro_proposed", "reference", "naive"]
+    impl_names = ["pyro", "pyro_noval", "pyro_model_enum", "reference", "naive"]
     impl_names += ["pyro_jit"] if args.jit else []
     impl_names += ["reference_compiled", "pyro_compiled_nets"] if args.compile else []
     if args.compile:
