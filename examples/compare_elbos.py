@@ -29,12 +29,14 @@ Example (a reduced CPU budget)::
 """
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
-import numpy as np
+import matplotlib
+
+from pyro_gmvae.compare import markdown_table, read_summary, run_or_reuse, write_results
+from pyro_gmvae.plots import plot_comparison
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
 ESTIMATORS = ("enum", "enum-jit", "score", "graph", "relaxed", "tmc", "iwae-enum", "rws")
@@ -137,8 +139,6 @@ def refusal(args, model, estimator):
 
 def train_all(args):
     """({(model, estimator): [run_dir per seed]}, {(model, estimator): why it was refused})."""
-    from pyro_gmvae.run import run
-
     dirs, refused = {}, {}
     for model in args.models:
         for estimator in args.estimators:
@@ -151,20 +151,15 @@ def train_all(args):
             for seed in args.seeds:
                 run_dir = Path(args.out) / model / estimator / f"seed{seed}"
                 dirs[model, estimator].append(run_dir)
-                summary_path = run_dir / "summary.json"
-                if (
-                    summary_path.exists()
-                    and json.loads(summary_path.read_text()).get("epoch") == args.epochs
-                ):
-                    continue
-                cfg = config(args, model, estimator, seed, run_dir)
-                summary = run(cfg, resume=(run_dir / "checkpoint.pt").exists())
-                print(
-                    f"{model:11s} {estimator:9s} seed {seed}: Hungarian {summary['acc_hungarian']:.3f}, "
-                    f"H(Y|X) {summary['cond_entropy']:.3f}, test -ELBO {-summary['test_elbo']:.2f}, "
-                    f"{summary['wall_time_s']:.0f} s",
-                    flush=True,
-                )
+                summary, trained = run_or_reuse(config(args, model, estimator, seed, run_dir))
+                if trained:
+                    print(
+                        f"{model:11s} {estimator:9s} seed {seed}: "
+                        f"Hungarian {summary['acc_hungarian']:.3f}, "
+                        f"H(Y|X) {summary['cond_entropy']:.3f}, "
+                        f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
+                        flush=True,
+                    )
     return dirs, refused
 
 
@@ -261,75 +256,25 @@ def gradient_study(args, dirs):
 # --- report ------------------------------------------------------------------------------
 
 
-def _value(row, key):
-    if key.startswith("neg_"):
-        return -row.get(key[4:], math.nan)
-    return row[key]
-
-
-def curves(run_dirs, key, x_key="epoch"):
-    from pyro_gmvae.run import read_metrics
-
-    rows = [read_metrics(d) for d in run_dirs]
-    n = min(len(r) for r in rows)
-    xs = np.array([[row[x_key] for row in r[:n]] for r in rows], dtype=float).mean(0)
-    return xs, np.array([[_value(row, key) for row in r[:n]] for r in rows], dtype=float)
-
-
 def plot_curves(dirs, k, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    models = list(dict.fromkeys(m for m, _ in dirs))
-    colors = dict(zip(ESTIMATORS, plt.cm.tab10.colors))
+    """One row per model: Hungarian accuracy, H(Y|X) and test −ELBO against epoch, and test −ELBO
+    against wall-clock time; a line per estimator."""
+    colors = dict(zip(ESTIMATORS, matplotlib.colormaps["tab10"].colors))
     panels = (("acc_hungarian", "epoch", "test accuracy (Hungarian)"),
               ("cond_entropy", "epoch", "H(Y|X) (nats)"),
               ("neg_test_elbo", "epoch", "test −ELBO (nats)"),
               ("neg_test_elbo", "time_s", "test −ELBO (nats) vs wall time (s)"))  # fmt: skip
-    fig, axes = plt.subplots(len(models), 4, figsize=(17, 3.6 * len(models)), squeeze=False)
-    for row, model in zip(axes, models):
-        for ax, (key, x_key, title) in zip(row, panels):
-            for (m, estimator), run_dirs in dirs.items():
-                if m != model:
-                    continue
-                xs, values = curves(run_dirs, key, x_key)
-                mean, std = values.mean(0), values.std(0)
-                ax.plot(xs, mean, color=colors[estimator], label=estimator, marker=".")
-                ax.fill_between(xs, mean - std, mean + std, color=colors[estimator], alpha=0.2)
-            if key == "cond_entropy":
-                ax.axhline(math.log(k), color="k", lw=0.8, ls=":", label="log K")
-            ax.set_title(f"{model}: {title}")
-            ax.set_xlabel(x_key.replace("time_s", "seconds"))
-            if x_key == "epoch":
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
-        row[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def mean_std(values, scale=1.0, digits=2):
-    values = np.asarray(values, dtype=float) * scale
-    if np.isnan(values).all():
-        return "–"
-    return f"{np.nanmean(values):.{digits}f} ± {np.nanstd(values):.{digits}f}"
+    plot_comparison(dirs, panels, k, path, colors)
 
 
 def final_table(dirs):
+    """A markdown table of the final numbers (mean ± std over seeds) and the raw summaries."""
     summaries = {
-        f"{model}/{estimator}": [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+        f"{model}/{estimator}": [read_summary(d) for d in run_dirs]
         for (model, estimator), run_dirs in dirs.items()
     }
-    lines = ["| model | estimator | seeds | " + " | ".join(t for _, t, _ in TABLE) + " |",
-             "|" + "---|" * (len(TABLE) + 3)]  # fmt: skip
-    for name, rows in summaries.items():
-        model, estimator = name.split("/")
-        cells = [mean_std([_value(r, key) for r in rows], scale) for key, _, scale in TABLE]
-        lines.append(f"| {model} | {estimator} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n", summaries
+    groups = {tuple(name.split("/")): rows for name, rows in summaries.items()}
+    return markdown_table(groups, TABLE, ["model", "estimator"]), summaries
 
 
 def gradient_table(grads):
@@ -374,22 +319,11 @@ def main(argv=None):
             "√draws is small beside ‖mean‖; relaxed and the IW estimators follow other objectives), "
             "and the time per gradient.\n\n" + gradient_table(grads)
         )
-    (out / "results.md").write_text(text)
     refused_json = {f"{m}/{e}": why for (m, e), why in refused.items()}
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "args": vars(args),
-                "summaries": summaries,
-                "refused": refused_json,
-                "gradients": grads,
-            },
-            indent=2,
-        )
-        + "\n"  # fmt: skip
-    )
+    record = {"summaries": summaries, "refused": refused_json, "gradients": grads}
+    write_results(out, text, {"args": vars(args), **record})
     print(text)
-    return {"summaries": summaries, "refused": refused_json, "gradients": grads}
+    return record
 
 
 if __name__ == "__main__":

@@ -33,11 +33,13 @@ Example (a reduced CPU budget)::
 """
 
 import argparse
-import json
-import math
 from pathlib import Path
 
-import numpy as np
+import matplotlib
+
+from pyro_gmvae.compare import markdown_table, read_summary, run_or_reuse, write_results
+from pyro_gmvae.plots import plot_comparison
+from pyro_gmvae.run import RunConfig
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
 GUIDES = ("mean_field", "iaf", "spline", "cond_iaf", "cond_spline", "relaxed")
@@ -101,17 +103,12 @@ def pairs(models, guides):
 
 def train_all(args) -> dict:
     """{(model, guide): [run_dir per seed]}; a finished run is reused, an interrupted one resumed."""
-    from pyro_gmvae.run import RunConfig, run
-
     dirs = {}
     for model, guide in pairs(args.models, args.guides):
         dirs[model, guide] = []
         for seed in args.seeds:
             run_dir = Path(args.out) / model / guide / f"seed{seed}"
             dirs[model, guide].append(run_dir)
-            if (run_dir / "summary.json").exists():
-                if json.loads((run_dir / "summary.json").read_text()).get("epoch") == args.epochs:
-                    continue
             cfg = RunConfig(
                 model=model, guide=guide, estimator="relaxed" if guide == "relaxed" else "enum",
                 k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -120,83 +117,36 @@ def train_all(args) -> dict:
                 device=args.device, seed=seed, out=str(run_dir), iw_samples=args.iw_samples,
                 progress=args.progress,
             )  # fmt: skip
-            summary = run(cfg, resume=(run_dir / "checkpoint.pt").exists())
-            print(
-                f"{model:11s} {guide:15s} seed {seed}: Hungarian {summary['acc_hungarian']:.3f}, "
-                f"H(Y|X) {summary['cond_entropy']:.3f}, test -ELBO {-summary['test_elbo']:.2f}, "
-                f"{summary['wall_time_s']:.0f} s",
-                flush=True,
-            )
+            summary, trained = run_or_reuse(cfg)
+            if trained:
+                print(
+                    f"{model:11s} {guide:15s} seed {seed}: "
+                    f"Hungarian {summary['acc_hungarian']:.3f}, "
+                    f"H(Y|X) {summary['cond_entropy']:.3f}, "
+                    f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
+                    flush=True,
+                )
     return dirs
 
 
-def _value(row, key):
-    # A run without --iw-samples has no test_iw_bound: NaN, shown as "–".
-    return -row.get(key[4:], math.nan) if key.startswith("neg_") else row[key]
-
-
-def curves(run_dirs, key):
-    """(epochs, values of shape (seeds, epochs)) of one metric, truncated to the shortest run."""
-    from pyro_gmvae.run import read_metrics
-
-    rows = [read_metrics(d) for d in run_dirs]
-    n = min(len(r) for r in rows)
-    epochs = np.array([r["epoch"] for r in rows[0][:n]])
-    return epochs, np.array([[_value(row, key) for row in r[:n]] for r in rows], dtype=float)
-
-
 def plot_curves(dirs, k, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    models = list(dict.fromkeys(m for m, _ in dirs))
-    colors = dict(zip(GUIDES + ("exact_posterior",), plt.cm.tab10.colors))
+    """One row per model: Hungarian accuracy, H(Y|X), test −ELBO against epoch, a line per guide."""
+    colors = dict(zip(GUIDES + ("exact_posterior",), matplotlib.colormaps["tab10"].colors))
     colors["exact_posterior"] = colors["mean_field"]
-    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.6 * len(models)), squeeze=False)
-    panels = (("acc_hungarian", "test accuracy (Hungarian)"), ("cond_entropy", "H(Y|X) (nats)"),
-              ("neg_test_elbo", "test −ELBO (nats)"))  # fmt: skip
-    for row, model in zip(axes, models):
-        for ax, (key, title) in zip(row, panels):
-            for (m, guide), run_dirs in dirs.items():
-                if m != model:
-                    continue
-                epochs, values = curves(run_dirs, key)
-                mean, std = values.mean(0), values.std(0)
-                ax.plot(epochs, mean, color=colors[guide], label=guide, marker=".")
-                ax.fill_between(epochs, mean - std, mean + std, color=colors[guide], alpha=0.2)
-            if key == "cond_entropy":
-                ax.axhline(math.log(k), color="k", lw=0.8, ls=":", label="log K")
-            ax.set_title(f"{model}: {title}")
-            ax.set_xlabel("epoch")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
-        row[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def mean_std(values, scale=1.0, digits=2):
-    values = np.asarray(values, dtype=float) * scale
-    if np.isnan(values).all():
-        return "–"
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+    panels = (("acc_hungarian", "epoch", "test accuracy (Hungarian)"),
+              ("cond_entropy", "epoch", "H(Y|X) (nats)"),
+              ("neg_test_elbo", "epoch", "test −ELBO (nats)"))  # fmt: skip
+    plot_comparison(dirs, panels, k, path, colors)
 
 
 def final_table(dirs) -> tuple[str, dict]:
+    """A markdown table of the final numbers (mean ± std over seeds) and the raw summaries."""
     summaries = {
-        f"{model}/{guide}": [json.loads((d / "summary.json").read_text()) for d in run_dirs]
+        f"{model}/{guide}": [read_summary(d) for d in run_dirs]
         for (model, guide), run_dirs in dirs.items()
     }
-    header = "| model | guide | seeds | " + " | ".join(title for _, title, _ in TABLE) + " |"
-    lines = [header, "|" + "---|" * (len(TABLE) + 3)]
-    for name, rows in summaries.items():
-        model, guide = name.split("/")
-        cells = [mean_std([_value(r, key) for r in rows], scale) for key, _, scale in TABLE]
-        lines.append(f"| {model} | {guide} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n", summaries
+    groups = {tuple(name.split("/")): rows for name, rows in summaries.items()}
+    return markdown_table(groups, TABLE, ["model", "guide"]), summaries
 
 
 def main(argv=None):
@@ -214,10 +164,7 @@ def main(argv=None):
     note += (
         "; relaxed: estimator 'relaxed', τ 1.0 -> 0.5.\n\n" if "relaxed" in args.guides else ".\n\n"
     )
-    (out / "results.md").write_text(note + table)
-    (out / "results.json").write_text(
-        json.dumps({"args": vars(args), "summaries": summaries}, indent=2) + "\n"
-    )
+    write_results(out, note + table, {"args": vars(args), "summaries": summaries})
     print(table)
     return summaries
 

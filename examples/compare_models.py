@@ -22,11 +22,18 @@ Example (the reduced CPU budget of docs/results.md)::
 """
 
 import argparse
-import json
 import math
 from pathlib import Path
 
-import numpy as np
+from pyro_gmvae.compare import (
+    markdown_table,
+    metric_curves,
+    read_summary,
+    run_or_reuse,
+    write_results,
+)
+from pyro_gmvae.plots import plot_seed_bands
+from pyro_gmvae.run import RunConfig
 
 MODELS = ("m2", "modified_m2", "gmvae")
 LABELS = {"m2": "M2", "modified_m2": "modified M2", "gmvae": "GMVAE"}
@@ -70,8 +77,6 @@ def parse_args(argv=None):
 
 def train_all(args) -> dict:
     """{model: [run_dir per seed]}; a finished run is reused, an interrupted one resumed."""
-    from pyro_gmvae.run import RunConfig, run
-
     out = Path(args.out)
     dirs = {}
     for name in args.models:
@@ -85,34 +90,16 @@ def train_all(args) -> dict:
                 data_dir=args.data_dir, limit=args.limit, test_limit=args.test_limit,
                 device=args.device, seed=seed, out=str(run_dir), progress=args.progress,
             )  # fmt: skip
-            if (run_dir / "summary.json").exists():
-                saved = json.loads((run_dir / "summary.json").read_text())
-                if saved.get("epoch") == args.epochs:
-                    continue
-            resume = (run_dir / "checkpoint.pt").exists()
-            summary = run(cfg, resume=resume)
-            print(
-                f"{name:12s} seed {seed}: acc majority {summary['acc_majority']:.3f}, "
-                f"Hungarian {summary['acc_hungarian']:.3f}, H(Y|X) {summary['cond_entropy']:.3f}, "
-                f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
-                flush=True,
-            )
+            summary, trained = run_or_reuse(cfg)
+            if trained:
+                print(
+                    f"{name:12s} seed {seed}: acc majority {summary['acc_majority']:.3f}, "
+                    f"Hungarian {summary['acc_hungarian']:.3f}, "
+                    f"H(Y|X) {summary['cond_entropy']:.3f}, "
+                    f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
+                    flush=True,
+                )
     return dirs
-
-
-def curves(run_dirs, key):
-    """(epochs, values of shape (seeds, epochs)) of one metric, truncated to the shortest run."""
-    from pyro_gmvae.run import read_metrics
-
-    rows = [read_metrics(d) for d in run_dirs]
-    n = min(len(r) for r in rows)
-    epochs = np.array([r["epoch"] for r in rows[0][:n]])
-    values = np.array([[_value(row, key) for row in r[:n]] for r in rows], dtype=float)
-    return epochs, values
-
-
-def _value(row, key):
-    return -row["test_elbo"] if key == "neg_test_elbo" else row[key]
 
 
 def plot_curves(dirs, k, path):
@@ -130,11 +117,9 @@ def plot_curves(dirs, k, path):
     for ax, keys, title in panels:
         for name, run_dirs in dirs.items():
             for key, style in keys:
-                epochs, values = curves(run_dirs, key)
-                mean, std = values.mean(0), values.std(0)
+                epochs, values = metric_curves(run_dirs, key)
                 label = LABELS[name] + (" (Hungarian)" if key == "acc_hungarian" else "")
-                ax.plot(epochs, mean, style, color=COLORS[name], label=label, marker=".")
-                ax.fill_between(epochs, mean - std, mean + std, color=COLORS[name], alpha=0.2)
+                plot_seed_bands(ax, epochs, values, label, COLORS[name], style)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -147,23 +132,11 @@ def plot_curves(dirs, k, path):
     fig.savefig(path, dpi=80)
 
 
-def mean_std(values, scale=1.0, digits=2):
-    values = np.asarray(values, dtype=float) * scale
-    return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
-
-
 def final_table(dirs) -> tuple[str, dict]:
     """A markdown table of the final numbers (mean ± std over seeds) and the raw summaries."""
-    summaries = {
-        name: [json.loads((d / "summary.json").read_text()) for d in run_dirs]
-        for name, run_dirs in dirs.items()
-    }
-    header = "| model | seeds | " + " | ".join(title for _, title, _ in TABLE) + " |"
-    lines = [header, "|" + "---|" * (len(TABLE) + 2)]
-    for name, rows in summaries.items():
-        cells = [mean_std([_value(r, key) for r in rows], scale) for key, _, scale in TABLE]
-        lines.append(f"| {LABELS[name]} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n", summaries
+    summaries = {name: [read_summary(d) for d in run_dirs] for name, run_dirs in dirs.items()}
+    groups = {LABELS[name]: rows for name, rows in summaries.items()}
+    return markdown_table(groups, TABLE, ["model"]), summaries
 
 
 def main(argv=None):
@@ -176,10 +149,7 @@ def main(argv=None):
     std = "population std (numpy default)"
     test = f"first {args.test_limit} test images" if args.test_limit else "the 10k test images"
     note = f"Final epoch {args.epochs}, {test}; mean ± {std} over seeds {args.seeds}.\n\n"
-    (out / "results.md").write_text(note + table)
-    (out / "results.json").write_text(
-        json.dumps({"args": vars(args), "summaries": summaries}, indent=2) + "\n"
-    )
+    write_results(out, note + table, {"args": vars(args), "summaries": summaries})
     print(table)
     return summaries
 

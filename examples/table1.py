@@ -33,6 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pyro_gmvae.compare import mean_std, run_or_reuse
+from pyro_gmvae.run import RunConfig
+
 # Table 1 of the paper (AAE criterion, test set): (K, M) -> (best, mean, std), in %.
 PAPER = {
     (10, 1): (87.31, 77.78, 5.75),
@@ -79,8 +82,6 @@ def parse_args(argv=None):
 
 def train_all(args) -> dict:
     """{(K, M): [summary per seed]}; finished runs are reused, interrupted ones resumed."""
-    from pyro_gmvae.run import RunConfig, run
-
     results = {}
     for k in args.ks:
         for m in args.ms:
@@ -96,13 +97,7 @@ def train_all(args) -> dict:
                     progress=args.progress,
                     eval_every=args.epochs,  # only the final evaluation enters the table
                 )  # fmt: skip
-                summary_path = run_dir / "summary.json"
-                if summary_path.exists() and json.loads(summary_path.read_text()).get("epoch") == (
-                    args.epochs
-                ):
-                    summary = json.loads(summary_path.read_text())
-                else:
-                    summary = run(cfg, resume=(run_dir / "checkpoint.pt").exists())
+                summary, _ = run_or_reuse(cfg)
                 results[(k, m)].append(summary)
                 print(
                     f"K={k:2d} M={m:2d} seed {seed}: AAE {summary['acc_aae']:.3f} "
@@ -114,8 +109,8 @@ def train_all(args) -> dict:
 
 
 def best_mean_std(values, scale=100.0):
-    v = np.asarray(values, dtype=float) * scale
-    return f"{v.max():.2f} / {v.mean():.2f} ± {v.std():.2f}"
+    """``"best / mean ± std"`` of ``values`` times ``scale``, as the paper's Table 1 reports."""
+    return f"{max(values) * scale:.2f} / {mean_std(values, scale)}"
 
 
 def markdown_table(results) -> str:
@@ -126,14 +121,12 @@ def markdown_table(results) -> str:
     ]
     for (k, m), rows in results.items():
         paper = "{:.2f} / {:.2f} ± {:.2f}".format(*PAPER[(k, m)]) if (k, m) in PAPER else "—"
-        nmi = np.array([r["nmi"] for r in rows])
-        ari = np.array([r["ari"] for r in rows])
-        used = np.array([r["clusters_used"] for r in rows])
+        used = np.mean([r["clusters_used"] for r in rows])
         lines.append(
             f"| {k} | {m} | {len(rows)} | {best_mean_std([r['acc_aae'] for r in rows])} | {paper} "
             f"| {best_mean_std([r['acc_hungarian'] for r in rows])} "
-            f"| {nmi.mean():.3f} ± {nmi.std():.3f} | {ari.mean():.3f} ± {ari.std():.3f} "
-            f"| {used.mean():.1f} |"
+            f"| {mean_std([r['nmi'] for r in rows], digits=3)} "
+            f"| {mean_std([r['ari'] for r in rows], digits=3)} | {used:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

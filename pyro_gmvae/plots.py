@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .compare import metric_curves
 from .metrics import contingency
 from .run import read_metrics
 
@@ -63,6 +64,43 @@ def plot_curves(rows, k, path, title=None):
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def plot_seed_bands(ax, xs, values, label=None, color=None, style="-"):
+    """One line of the mean over runs (seeds) of ``values`` (runs, len(xs)) against ``xs``, in a
+    band of ±1 population std across the runs."""
+    values = np.asarray(values, dtype=float)
+    mean, std = values.mean(0), values.std(0)
+    ax.plot(xs, mean, style, color=color, label=label, marker=".")
+    ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)
+
+
+def plot_comparison(dirs, panels, k, path, colors):
+    """One row of panels per model, one :func:`plot_seed_bands` line per variant in each panel.
+
+    ``dirs`` maps (model, variant) to the variant's run directories (one per seed); ``panels``
+    is a sequence of (metric key, x key, title), the x key ``"epoch"`` or ``"time_s"``;
+    ``colors`` maps a variant to its colour. H(Y|X) panels get the collapse line log K.
+    """
+    models = list(dict.fromkeys(m for m, _ in dirs))
+    fig = Figure(figsize=(4.25 * len(panels), 3.6 * len(models)))
+    axes = fig.subplots(len(models), len(panels), squeeze=False)
+    for row, model in zip(axes, models):
+        for ax, (key, x_key, title) in zip(row, panels):
+            for (m, variant), run_dirs in dirs.items():
+                if m == model:
+                    xs, values = metric_curves(run_dirs, key, x_key)
+                    plot_seed_bands(ax, xs, values, label=variant, color=colors[variant])
+            if key == "cond_entropy":
+                ax.axhline(math.log(k), color="k", lw=0.8, ls=":", label="log K")
+            ax.set_title(f"{model}: {title}")
+            ax.set_xlabel(x_key.replace("time_s", "seconds"))
+            if x_key == "epoch":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return Path(path)
 
 
 def plot_image_grid(images, path, image_shape, row_labels=None, title=None, xlabel=None):

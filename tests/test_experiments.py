@@ -1,5 +1,5 @@
-"""Smoke tests of the experiment scripts (examples/compare_models.py, synthetic_arcs.py, table1.py,
-svhn.py): each runs in-process on tiny fake data with tiny networks and a budget of seconds, and
+"""Smoke tests of the experiment scripts (examples/compare_models.py, compare_guides.py,
+synthetic_arcs.py, table1.py, svhn.py): each runs in-process on tiny fake data with tiny networks and a budget of seconds, and
 its outputs are checked: files exist, JSON and markdown are well formed, PNGs open.
 
 MNIST and SVHN are replaced by small fake files in torchvision's own formats (idx ubyte, .mat), so
@@ -110,6 +110,39 @@ def test_compare_models(fake_mnist, tmp_path):
     before = (out / "gmvae" / "seed0" / "summary.json").stat().st_mtime_ns
     script.main(argv)
     assert (out / "gmvae" / "seed0" / "summary.json").stat().st_mtime_ns == before
+
+
+def test_compare_guides(fake_mnist, tmp_path):
+    script = load_script("compare_guides")
+    out = tmp_path / "guides"
+    argv = ["--models", "m2", "gmvae_w", "--guides", "mean_field", "relaxed", "--epochs", "1",
+            "--seeds", "0", "1", "--limit", "100", "--test-limit", "50", "--hidden", "8",
+            "--z-dim", "2", "--batch-size", "50", "--iw-samples", "2",
+            "--data-dir", str(fake_mnist), "--device", "cpu", "--out", str(out)]  # fmt: skip
+    summaries = script.main(argv)
+    # gmvae_w's own guide stands in for mean_field; the relaxed guide does not fit it.
+    assert list(summaries) == ["m2/mean_field", "m2/relaxed", "gmvae_w/exact_posterior"]
+    config = json.loads((out / "m2" / "relaxed" / "seed1" / "config.json").read_text())
+    assert (config["estimator"], config["seed"], config["test_limit"]) == ("relaxed", 1, 50)
+    check_png(out / "curves.png")
+    text = (out / "results.md").read_text()
+    assert "relaxed: estimator 'relaxed'" in text and "S = 2" in text
+    rows = table_rows(text)
+    assert [r[:3] for r in rows] == [["m2", "mean_field", "2"], ["m2", "relaxed", "2"],
+                                     ["gmvae_w", "exact_posterior", "2"]]  # fmt: skip
+    for row, runs in zip(rows, summaries.values()):
+        # Columns 3 and 8: Hungarian accuracy in %, −log p̂ (the IW bound) in nats.
+        hungarian = [100 * r["acc_hungarian"] for r in runs]
+        assert float(row[3].split("±")[0]) == pytest.approx(np.mean(hungarian), abs=0.006)
+        iw = [-r["test_iw_bound"] for r in runs]
+        assert float(row[8].split("±")[1]) == pytest.approx(np.std(iw), abs=0.006)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["args"]["guides"] == ["mean_field", "relaxed"]
+    assert len(saved["summaries"]["gmvae_w/exact_posterior"]) == 2
+    # A second call with the same budget reuses the finished runs instead of retraining.
+    before = (out / "m2" / "relaxed" / "seed0" / "summary.json").stat().st_mtime_ns
+    script.main(argv)
+    assert (out / "m2" / "relaxed" / "seed0" / "summary.json").stat().st_mtime_ns == before
 
 
 def test_synthetic_arcs(tmp_path):

@@ -1,0 +1,103 @@
+"""Multi-seed comparisons: run or reuse a set of runs, aggregate their metrics, tabulate them.
+
+The comparison scripts (``examples/compare_models.py``, ``compare_guides.py``,
+``compare_elbos.py``, ``table1.py``) train one run directory per setting and seed through
+:func:`pyro_gmvae.run.run`, then report each setting as mean ± std over its seeds. These are the
+pieces they share; the band plot is :func:`pyro_gmvae.plots.plot_seed_bands`.
+
+A metric key is a key of a ``metrics.jsonl`` row or of ``summary.json``; ``"neg_<key>"`` is the
+negated ``<key>`` (e.g. ``neg_test_elbo``, a loss in nats), NaN when the run did not record it
+(``test_iw_bound`` without ``iw_samples``).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .run import CHECKPOINT, RunConfig, read_metrics, run
+
+SUMMARY = "summary.json"
+
+
+def read_summary(run_dir) -> dict:
+    """The final summary of a finished run (its ``summary.json``)."""
+    return json.loads((Path(run_dir) / SUMMARY).read_text())
+
+
+def run_or_reuse(cfg: RunConfig) -> tuple[dict, bool]:
+    """(summary, trained): the run ``cfg`` describes, trained only if it is not finished.
+
+    A run directory whose ``summary.json`` reached ``cfg.epochs`` is reused as it is
+    (``trained`` False); otherwise the run resumes from its checkpoint when there is one (an
+    interrupted run, or a finished one given more epochs), else starts afresh.
+    """
+    out = Path(cfg.out)
+    if (out / SUMMARY).exists():
+        summary = read_summary(out)
+        if summary.get("epoch") == cfg.epochs:
+            return summary, False
+    return run(cfg, resume=(out / CHECKPOINT).exists()), True
+
+
+def metric_value(row: dict, key: str) -> float:
+    """``row[key]``, or ``-row[k]`` for ``key = "neg_<k>"`` (NaN when the row lacks ``k``)."""
+    if key.startswith("neg_"):
+        return -row.get(key[4:], math.nan)
+    return row[key]
+
+
+def metric_curves(run_dirs, key: str, x_key: str = "epoch"):
+    """(xs, values): one metric of several runs (seeds) per evaluation.
+
+    ``values`` has shape (runs, evaluations), truncated to the shortest run; ``xs`` is ``x_key``
+    at each evaluation averaged over the runs (the epoch is the same in all of them; ``time_s``
+    differs).
+    """
+    rows = [read_metrics(d) for d in run_dirs]
+    if not rows or any(not r for r in rows):
+        raise ValueError(f"no metrics.jsonl rows in some of {[str(d) for d in run_dirs]}")
+    n = min(len(r) for r in rows)
+    xs = np.array([[row[x_key] for row in r[:n]] for r in rows], dtype=float).mean(0)
+    values = np.array([[metric_value(row, key) for row in r[:n]] for r in rows], dtype=float)
+    return xs, values
+
+
+def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
+    """``"mean ± std"`` of ``values`` times ``scale``, with the population std (numpy's default,
+    ddof = 0); NaNs are left out, and all-NaN values show as ``"–"``."""
+    values = np.asarray(values, dtype=float) * scale
+    if np.isnan(values).all():
+        return "–"
+    return f"{np.nanmean(values):.{digits}f} ± {np.nanstd(values):.{digits}f}"
+
+
+def markdown_table(groups: dict, columns, label_headers) -> str:
+    """A markdown table with one row per group of runs: its labels, its number of runs, then
+    :func:`mean_std` of every column over the runs.
+
+    ``groups`` maps a label (a string, or a tuple of strings for several label columns) to the
+    runs' summaries; ``columns`` is a sequence of ``(metric key, title, scale)``; a title's
+    ``|`` must be escaped (``\\|``). ``label_headers`` names the label columns.
+    """
+    label_headers = list(label_headers)
+    titles = label_headers + ["seeds"] + [title for _, title, _ in columns]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for label, summaries in groups.items():
+        labels = [label] if isinstance(label, str) else list(label)
+        if len(labels) != len(label_headers):
+            raise ValueError(f"label {label!r} does not match the headers {label_headers}")
+        cells = [
+            mean_std([metric_value(s, key) for s in summaries], scale) for key, _, scale in columns
+        ]
+        lines.append("| " + " | ".join([*labels, str(len(summaries)), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out, markdown: str, record: dict) -> None:
+    """Write a comparison's report into folder ``out``: ``results.md`` (``markdown``) and
+    ``results.json`` (``record``: the arguments, every run's summary, ...)."""
+    out = Path(out)
+    (out / "results.md").write_text(markdown)
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
