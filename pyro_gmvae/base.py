@@ -2,6 +2,8 @@
 
 import math
 
+import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
@@ -30,6 +32,18 @@ class MixtureVAE(nn.Module):
     def cluster_log_prior(self) -> torch.Tensor:
         """log p(y), shape (K,)."""
         return self.cluster_logits.log_softmax(-1)
+
+    def sample_cluster(self) -> torch.Tensor:
+        """Sample the cluster site y ~ Cat(1/K), one-hot, inside the model's data plate.
+
+        Marked for parallel enumeration, so TraceEnum_ELBO sums it out exactly: its value then has
+        a leading enumeration dim, (K, 1, K), unless the guide supplies it (replayed).
+        """
+        return pyro.sample(
+            self.cluster_site,
+            dist.OneHotCategorical(logits=self.cluster_logits),
+            infer={"enumerate": "parallel"},
+        )
 
     def check(self, x: torch.Tensor) -> None:
         check_data(x, self.data_dim, self.likelihood)

@@ -37,12 +37,8 @@ class GMVAE(MixtureVAE):
         self.check(x)
         pyro.module(self.name, self)
         with pyro.plate("data", x.shape[0]):
-            # Summed out exactly: enumeration gives y a leading (K, 1, K) one-hot value.
-            y = pyro.sample(
-                "y",
-                dist.OneHotCategorical(logits=self.cluster_logits),
-                infer={"enumerate": "parallel"},
-            )
+            # Summed out exactly by enumeration: y is (K, 1, K) below.
+            y = self.sample_cluster()
             z = pyro.sample("z", dist.Normal(*self.prior(y)).to_event(1))
             pyro.sample("x", observation_dist(self.decoder(z), self.likelihood), obs=x)
 

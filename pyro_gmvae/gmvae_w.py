@@ -96,11 +96,7 @@ class GMVAEW(MixtureVAE):
         with pyro.plate("data", obs.shape[0]):
             w = pyro.sample("w", dist.Normal(obs.new_zeros(self.w_dim), 1.0).to_event(1))
             # Enumerated here unless the guide supplies c (then replayed from the guide).
-            c = pyro.sample(
-                "c",
-                dist.OneHotCategorical(logits=self.cluster_logits),
-                infer={"enumerate": "parallel"},
-            )
+            c = self.sample_cluster()
             loc, scale = self.components(w)  # (..., B, K, x_dim)
             # c is one-hot with a leading enumeration dim, (K, 1, K): index by its argmax (K, 1),
             # which broadcasts against the batch, rather than contract a (K, B, K, x_dim) product.

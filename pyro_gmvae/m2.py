@@ -41,12 +41,8 @@ class M2(MixtureVAE):
         self.check(x)
         pyro.module(self.name, self)
         with pyro.plate("data", x.shape[0]):
-            # Summed out exactly: enumeration gives y a leading (K, 1, K) one-hot value.
-            y = pyro.sample(
-                "y",
-                dist.OneHotCategorical(logits=self.cluster_logits),
-                infer={"enumerate": "parallel"},
-            )
+            # Summed out exactly by enumeration: y is (K, 1, K) below.
+            y = self.sample_cluster()
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.z_dim), 1.0).to_event(1))
             pyro.sample("x", observation_dist(self.decode(z, y), self.likelihood), obs=x)
 
