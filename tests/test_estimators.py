@@ -20,15 +20,6 @@ from pyro_gmvae.objectives import cluster_objective
 D, K = 6, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: threads only add contention on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def data(n=16, seed=0):
     """Two binary prototypes with 10 % of the bits flipped: a clear two-cluster structure."""
     g = torch.Generator().manual_seed(seed)

@@ -56,18 +56,9 @@ def model_fn(model, guide):
     return model.model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (several-fold on a shared 2-core CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
-def fresh_param_store():
-    pyro.clear_param_store()
+def seeded():
+    # conftest clears the param store; these tests also want a fixed RNG per test.
     pyro.set_rng_seed(0)
     yield
 
