@@ -236,7 +236,3 @@ def kl_weight_schedule(epoch: int, kl_weight: float, warmup_epochs: int) -> floa
     if warmup_epochs <= 0:
         return kl_weight
     return kl_weight * min(1.0, (epoch + 1) / warmup_epochs)
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

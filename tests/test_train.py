@@ -53,16 +53,21 @@ def test_seed_makes_a_cpu_run_reproducible():
     assert runs[0][0][1:] != runs[2][0][1:]
 
 
-def test_clipping_is_by_global_norm():
-    clip = 0.05
-    trainer = Trainer(tiny_model(), optimizer="sgd", lr=1.0, clip_norm=clip)
-    x = batches(1)[0]
-    # The raw gradients, from the same random draws as the step below.
+def raw_grads(trainer, x):
+    """The unclipped gradients of a step on x, from the same random draws as the next step."""
     state = pyro.util.get_rng_state()
     trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
     raw = [p.grad.clone() for p in trainer.params]
     trainer.optimizer.zero_grad(set_to_none=True)
     pyro.util.set_rng_state(state)
+    return raw
+
+
+def test_clipping_is_by_global_norm():
+    clip = 0.05
+    trainer = Trainer(tiny_model(), optimizer="sgd", lr=1.0, clip_norm=clip)
+    x = batches(1)[0]
+    raw = raw_grads(trainer, x)
 
     seen = []
     trainer.optimizer.register_step_pre_hook(
@@ -89,11 +94,7 @@ def test_clipping_is_by_global_norm():
 def test_inactive_clip_leaves_gradients_alone():
     trainer = Trainer(tiny_model(), optimizer="sgd", lr=1.0, clip_norm=1e6)
     x = batches(1)[0]
-    state = pyro.util.get_rng_state()
-    trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
-    raw = [p.grad.clone() for p in trainer.params]
-    trainer.optimizer.zero_grad(set_to_none=True)
-    pyro.util.set_rng_state(state)
+    raw = raw_grads(trainer, x)
     before = params_of(trainer)
     trainer.step(x)
     for p0, p1, g in zip(before, params_of(trainer), raw):
