@@ -3,7 +3,7 @@
 Per model and batch size this measures, for several implementations that share the *same* network
 weights (see ``benchmarks/README.md``):
 
-* ``pyro``: ``Estimator.loss_and_grads`` (TraceEnum_ELBO) + ``torch.optim.Adam.step``, as the
+* ``pyro``: ``Estimator.loss_and_grads`` (TraceEnum_ELBO) + the trainer's fused Adam step, as the
   trainer does, with Pyro's validation at its default (on);
 * ``pyro_noval``: the same inside ``pyro.validation_enabled(False)``;
 * ``pyro_model_enum`` (gmvae_w): the same guide modules with the cluster left to the model
@@ -55,6 +55,7 @@ from benchmarks.reference import has_naive_variant, reference_loss  # noqa: E402
 from pyro_gmvae import make_guide, make_model  # noqa: E402
 from pyro_gmvae.estimators import make_estimator  # noqa: E402
 from pyro_gmvae.nets import set_validation, validation_enabled  # noqa: E402
+from pyro_gmvae.train import make_optimizer  # noqa: E402
 
 MODEL_NAMES = ("m2", "modified_m2", "gmvae", "gmvae_w")
 MNIST_DIM = 784
@@ -110,7 +111,7 @@ class Impl:
 
     def __init__(self, name, forward_backward, params, lr=1e-3):
         self.name, self.forward_backward = name, forward_backward
-        self.optimizer = torch.optim.Adam(params, lr=lr)
+        self.optimizer = make_optimizer("adam", params, lr)  # the trainer's (fused) Adam
         self.setup_s = None  # first-call (tracing / compilation) time, for jit and compile
 
     def step(self, x):

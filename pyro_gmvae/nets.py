@@ -156,10 +156,22 @@ class GaussianHead(nn.Module):
         return self.loc(h), positive(self.var(h), self.min_var).sqrt()
 
 
+class BernoulliPixels(dist.Independent):
+    """``Bernoulli(logits).to_event(1)`` whose log-density negates after summing over pixels.
+
+    The generic one negates the per-pixel cross-entropy first: two extra passes (forward and
+    backward) over the decoder's (K, B, D) enumerated output, 2.5 % of a GMVAE step at B = 1000.
+    """
+
+    def log_prob(self, value):
+        logits, value = torch.broadcast_tensors(self.base_dist.logits, value)
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+
+
 def observation_dist(params: torch.Tensor, likelihood: str, min_var: float = 1e-3):
     """p(x | .) from a decoder output: Bernoulli logits (D) or Gaussian mean and raw variance (2D)."""
     if likelihood == "bernoulli":
-        return dist.Bernoulli(logits=params, validate_args=False).to_event(1)
+        return BernoulliPixels(dist.Bernoulli(logits=params, validate_args=False), 1)
     loc, raw_var = params.chunk(2, dim=-1)
     return dist.Normal(loc, positive(raw_var, min_var).sqrt()).to_event(1)
 

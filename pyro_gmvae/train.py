@@ -17,6 +17,18 @@ from .guides import make_guide
 from .objectives import cluster_objective
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """A ``torch.optim`` optimiser by name, in its fused form (one kernel over all parameters).
+
+    Same update rule as the default per-tensor loop; on CPU the fused Adam step is 2.5-3.6x
+    faster for these models (gmvae_w's 8.6 M parameters: 36 ms -> 10 ms per step, about a
+    quarter of the whole SVI step; see ``benchmarks/README.md``).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, lr=lr, fused=True)
 ON_NAN = ("raise", "rollback")
 
 
@@ -103,7 +115,7 @@ class Trainer:
         self.free_bits = free_bits
         self.set_kl_weight(kl_weight)
         self.params = list({id(p): p for m in (model, guide) for p in m.parameters()}.values())
-        self.optimizer = OPTIMIZERS[optimizer](self.params, lr=lr)
+        self.optimizer = make_optimizer(optimizer, self.params, lr)
         self.clip_norm = clip_norm
         self.on_nan, self.max_rollbacks = on_nan, max_rollbacks
         self.nan_check_every = nan_check_every or (1 if self.device.type == "cpu" else 20)

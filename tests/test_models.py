@@ -45,6 +45,29 @@ def test_joint_linear_equals_linear_on_concatenation(a_shape, b):
     assert isinstance(linear, nn.Linear) and linear.weight.shape == (7, 8)
 
 
+@pytest.mark.parametrize("logits_shape, value_shape", [((3, 5, 7), (5, 7)), ((5, 7), (2, 5, 7))])
+def test_bernoulli_pixels_equals_bernoulli_to_event(logits_shape, value_shape):
+    """The observation density and its gradient are Bernoulli(logits).to_event(1)'s."""
+    torch.manual_seed(0)
+    logits = torch.randn(logits_shape, dtype=torch.float64, requires_grad=True)
+    value = torch.bernoulli(torch.full(value_shape, 0.4, dtype=torch.float64))
+    fast = nets.observation_dist(logits, "bernoulli")
+    slow = pyro.distributions.Bernoulli(logits=logits).to_event(1)
+    assert (fast.batch_shape, fast.event_shape) == (slow.batch_shape, slow.event_shape)
+    lp_fast, lp_slow = fast.log_prob(value), slow.log_prob(value)
+    torch.testing.assert_close(lp_fast, lp_slow)
+    weights = torch.randn(lp_fast.shape, dtype=torch.float64)
+    grad_fast = torch.autograd.grad((lp_fast * weights).sum(), logits)[0]
+    grad_slow = torch.autograd.grad((lp_slow * weights).sum(), logits)[0]
+    torch.testing.assert_close(grad_fast, grad_slow)
+    # Under a plate Pyro expands the distribution: the subclass, and its density, survive.
+    shape = (4, *fast.batch_shape)
+    expanded, value = fast.expand(shape), torch.bernoulli(torch.full((*shape, 7), 0.4)).double()
+    assert isinstance(expanded, nets.BernoulliPixels)
+    torch.testing.assert_close(expanded.log_prob(value), slow.expand(shape).log_prob(value))
+    assert fast.sample().shape == logits_shape
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_batchnorm_on_3d_input_equals_batchnorm1d_on_2d(training):
     torch.manual_seed(0)
@@ -302,3 +325,25 @@ def test_gmvae_w_reuses_the_prior_network_only_while_it_is_valid(make_tiny, bina
     with torch.no_grad():
         assert not model.components(w)[0].requires_grad  # grad mode is part of the key
     assert copy.deepcopy(model)._last_components.entry is None
+
+
+@pytest.mark.parametrize(
+    "params_shape, idx_shape",
+    [((5, 3, 4), (3, 1)), ((5, 3, 4), (2, 3, 1)), ((5, 3, 4), (5,)), ((1, 3, 4), (1,)),
+     ((2, 5, 3, 4), (3, 1, 1))],
+)  # fmt: skip
+def test_select_component_equals_advanced_indexing(params_shape, idx_shape):
+    """gmvae_w's fast component selection gives Vindex's values and gradients."""
+    from pyro.ops.indexing import Vindex
+
+    from pyro_gmvae.gmvae_w import select_component
+
+    torch.manual_seed(0)
+    params = torch.randn(params_shape, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, params_shape[-2], idx_shape)
+    fast, slow = select_component(params, idx), Vindex(params)[..., idx, :]
+    assert fast.shape == slow.shape
+    weights = torch.randn(fast.shape, dtype=torch.float64)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), params)
+    (grad_slow,) = torch.autograd.grad((slow * weights).sum(), params)
+    assert torch.equal(fast, slow) and torch.allclose(grad_fast, grad_slow)

@@ -13,7 +13,7 @@ import torch
 
 from pyro_gmvae import GMVAE
 from pyro_gmvae.nets import set_validation
-from pyro_gmvae.train import NonFiniteLossError, Trainer, kl_weight_schedule
+from pyro_gmvae.train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule
 
 # The free-bits factor's ordering warning is expected (see pyro_gmvae.objectives).
 pytestmark = pytest.mark.filterwarnings('ignore:at guide site "cluster_kl_penalty"')
@@ -99,6 +99,25 @@ def test_inactive_clip_leaves_gradients_alone():
     trainer.step(x)
     for p0, p1, g in zip(before, params_of(trainer), raw):
         torch.testing.assert_close(p1, p0 - g)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw", "sgd"])
+def test_fused_optimizer_matches_the_per_tensor_loop(optimizer):
+    """The trainer's fused optimiser takes the same steps as torch's default implementation."""
+    trainer = Trainer(tiny_model(), optimizer=optimizer, lr=0.01)
+    assert trainer.optimizer.defaults["fused"]
+    plain_params = [p.detach().clone().requires_grad_() for p in trainer.params]
+    plain = OPTIMIZERS[optimizer](plain_params, lr=0.01, fused=False, foreach=False)
+    before = params_of(trainer)
+    for x in batches(3):
+        grads = raw_grads(trainer, x)
+        trainer.step(x)
+        for p, g in zip(plain_params, grads):
+            p.grad = g
+        plain.step()
+        for p, q in zip(trainer.params, plain_params):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(p, q) for p, q in zip(params_of(trainer), before))
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
