@@ -29,6 +29,8 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name](params, lr=lr, fused=True)
+
+
 ON_NAN = ("raise", "rollback")
 
 
