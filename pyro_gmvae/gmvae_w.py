@@ -1,9 +1,13 @@
 """The Gaussian-mixture VAE of Dilokthanakul et al. (2016), with latents w, x and cluster c."""
 
+import functools
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
+from pyro.distributions import TorchDistribution, constraints
 from pyro.ops.indexing import Vindex
 from torch import nn
 
@@ -12,6 +16,7 @@ from .m2 import _mean_image
 from .nets import ConvDecoder, decoder_out_features, mlp, observation_dist, positive, xavier_init
 
 ARCHS = ("mlp", "conv")
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class GMVAEW(MixtureVAE):
@@ -55,7 +60,7 @@ class GMVAEW(MixtureVAE):
             channels = out // (data_dim // self.image_shape[0])
             self.decoder = ConvDecoder(x_dim, self.image_shape, channels)
         xavier_init(self)
-        self._last_components = _LastCall()
+        self._last_components, self._last_log_lik = _LastCall(), _LastCall()
 
     def components(self, w):
         """μ_c(w) and σ_c(w) for every cluster: two tensors of shape (..., K, x_dim).
@@ -84,11 +89,25 @@ class GMVAEW(MixtureVAE):
             *self.prior_var.parameters(),
         )
 
+    def component_log_lik(self, x, w):
+        """log N(x | μ_c(w), σ²_c(w)) for every cluster c, shape (..., B, K).
+
+        Reused, like :meth:`components`, for the same ``x`` and ``w`` tensors: the guide's exact
+        posterior p(c|x,w) and the model's p(x|c,w) (:class:`ComponentNormal`) then share one
+        (..., B, K, x_dim) pass, the largest elementwise work of a step.
+        """
+        loc, scale = self.components(w)
+        key = (x, loc, scale, torch.is_grad_enabled())
+        last = self._last_log_lik.entry
+        if last is not None and all(a is b for a, b in zip(last[0], key)):
+            return last[1]
+        log_lik = normal_log_density(x.unsqueeze(-2), loc, scale)
+        self._last_log_lik.entry = (key, log_lik)
+        return log_lik
+
     def cluster_log_posterior(self, x, w):
         """log p(c | x, w), shape (..., K): exact, from Bayes' rule over the K components."""
-        loc, scale = self.components(w)
-        log_lik = dist.Normal(loc, scale).log_prob(x.unsqueeze(-2)).sum(-1)
-        return F.log_softmax(self.cluster_log_prior() + log_lik, dim=-1)
+        return F.log_softmax(self.cluster_log_prior() + self.component_log_lik(x, w), dim=-1)
 
     def model(self, obs):
         self.check(obs)
@@ -98,11 +117,9 @@ class GMVAEW(MixtureVAE):
             # Enumerated here unless the guide supplies c (then replayed from the guide).
             c = self.sample_cluster()
             loc, scale = self.components(w)  # (..., B, K, x_dim)
-            # c is one-hot, enumerated as (K, 1, K): select by its argmax rather than contract a
-            # (K, B, K, x_dim) product.
-            idx = c.argmax(-1)
-            loc, scale = select_component(loc, idx), select_component(scale, idx)
-            x = pyro.sample("x", dist.Normal(loc, scale).to_event(1))
+            # c is one-hot, enumerated as (K, 1, K): its argmax (K, 1) indexes the components.
+            log_lik = functools.partial(self.component_log_lik, w=w)
+            x = pyro.sample("x", ComponentNormal(loc, scale, c.argmax(-1), log_lik))
             pyro.sample("obs", observation_dist(self.decoder(x), self.likelihood), obs=obs)
 
     @torch.no_grad()
@@ -131,6 +148,66 @@ def select_component(params, idx):
         picked = params.index_select(-2, idx.reshape(-1))  # (B, n, D)
         return picked.transpose(0, 1).reshape(*idx.shape[:-1], params.shape[0], params.shape[-1])
     return Vindex(params)[..., idx, :]
+
+
+def normal_log_density(x, loc, scale):
+    """log N(x | loc, diag(scale²)), summed over the last dim (Normal(loc, scale).to_event(1))."""
+    return (-0.5 * ((x - loc) / scale) ** 2 - scale.log()).sum(-1) - x.shape[-1] * _HALF_LOG_2PI
+
+
+class ComponentNormal(TorchDistribution):
+    r"""x ~ N(μ_c, diag σ²_c) for cluster indices c, given every component's loc and scale.
+
+    ``loc`` and ``scale`` are (..., B, K, D), ``idx`` the clusters (..., B), under enumeration
+    (K, 1). The density is read from the all-component table log N(x | μ_k, σ²_k), (..., B, K)
+    (``log_lik(x)``, by default computed here), at k = c: no K-fold gather of loc and scale, and
+    with :meth:`GMVAEW.component_log_lik` the table is the one p(c|x,w) already needed.
+    """
+
+    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = True
+
+    def __init__(self, loc, scale, idx, log_lik=None, validate_args=None):
+        self.loc, self.scale, self.idx, self.log_lik = loc, scale, idx, log_lik
+        batch_shape = torch.broadcast_shapes(idx.shape, loc.shape[:-2])
+        super().__init__(batch_shape, loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(ComponentNormal, _instance)
+        new.loc, new.scale, new.log_lik = self.loc, self.scale, self.log_lik
+        new.idx = self.idx.expand(batch_shape)
+        super(ComponentNormal, new).__init__(
+            torch.Size(batch_shape), self.event_shape, validate_args=False
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    def selected(self):
+        """The same distribution as Normal(μ_c, σ_c).to_event(1), with the components gathered."""
+        loc = select_component(self.loc, self.idx)
+        scale = select_component(self.scale, self.idx)
+        return dist.Normal(loc, scale).to_event(1).expand(self.batch_shape)
+
+    def rsample(self, sample_shape=()):
+        return self.selected().rsample(torch.Size(sample_shape))
+
+    @property
+    def mean(self):
+        return self.selected().mean
+
+    @property
+    def variance(self):
+        return self.selected().variance
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._validate_sample(value)
+        if self.log_lik is None:
+            table = normal_log_density(value.unsqueeze(-2), self.loc, self.scale)
+        else:
+            table = self.log_lik(value)
+        return select_component(table.unsqueeze(-1), self.idx).squeeze(-1)
 
 
 class _LastCall:

@@ -347,3 +347,63 @@ def test_select_component_equals_advanced_indexing(params_shape, idx_shape):
     (grad_fast,) = torch.autograd.grad((fast * weights).sum(), params)
     (grad_slow,) = torch.autograd.grad((slow * weights).sum(), params)
     assert torch.equal(fast, slow) and torch.allclose(grad_fast, grad_slow)
+
+
+@pytest.mark.parametrize("idx_shape", [(3, 1), (5,)])
+def test_component_normal_is_the_normal_of_the_selected_component(idx_shape):
+    """log-density (its gradients too), draws and expansion equal Normal(μ_c, σ_c).to_event(1)."""
+    from pyro.ops.indexing import Vindex
+
+    from pyro_gmvae.gmvae_w import ComponentNormal
+
+    torch.manual_seed(0)
+    loc = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(5, 3, 4, dtype=torch.float64).add(0.5).requires_grad_()
+    idx = torch.randint(0, 3, idx_shape)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    d = ComponentNormal(loc, scale, idx)
+    plain = pyro.distributions.Normal(Vindex(loc)[..., idx, :], Vindex(scale)[..., idx, :])
+    plain = plain.to_event(1)
+    assert (d.batch_shape, d.event_shape) == (plain.batch_shape, plain.event_shape)
+    lp, lp_plain = d.log_prob(x), plain.log_prob(x)
+    torch.testing.assert_close(lp, lp_plain)
+    weights = torch.randn(lp.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((lp * weights).sum(), (loc, scale, x))
+    grads_plain = torch.autograd.grad((lp_plain * weights).sum(), (loc, scale, x))
+    for g, h in zip(grads, grads_plain):
+        torch.testing.assert_close(g, h)
+    # The table of every component's density, when given, is what the density is read from.
+    table = torch.randn(5, 3, dtype=torch.float64)
+    torch.testing.assert_close(
+        ComponentNormal(loc, scale, idx, lambda v: table).log_prob(x), Vindex(table)[..., idx]
+    )
+    torch.manual_seed(1)
+    draw = d.rsample((2,))
+    torch.manual_seed(1)
+    torch.testing.assert_close(draw, plain.rsample((2,)))
+    torch.testing.assert_close(d.mean, plain.mean)
+    wide = d.expand((2, *d.batch_shape))
+    assert wide.batch_shape == (2, *d.batch_shape)
+    torch.testing.assert_close(wide.log_prob(x), lp_plain.expand(2, *lp_plain.shape))
+
+
+def test_gmvae_w_guide_and_model_share_the_component_densities(
+    make_tiny, binary_batch, monkeypatch
+):
+    """One (B, K, x_dim) density pass per step: p(c|x,w) in the guide and p(x|c,w) in the model."""
+    from pyro_gmvae import gmvae_w
+
+    calls = []
+    original = gmvae_w.normal_log_density
+    monkeypatch.setattr(gmvae_w, "normal_log_density", lambda *a: calls.append(1) or original(*a))
+    model, guide = make_tiny("gmvae_w")
+    make_estimator("enum").loss(model.model, guide, binary_batch)
+    assert len(calls) == 1
+    w = torch.randn(4, model.w_dim, dtype=torch.float64)
+    x = torch.randn(4, model.x_dim, dtype=torch.float64)
+    first = model.component_log_lik(x, w)
+    assert model.component_log_lik(x, w) is first
+    assert model.component_log_lik(x.clone(), w) is not first  # keyed on the tensors themselves
+    with torch.no_grad():
+        model.prior_loc.bias.add_(1.0)
+    assert not torch.allclose(model.component_log_lik(x, w), first)
