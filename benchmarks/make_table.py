@@ -1,10 +1,13 @@
-"""Markdown tables from bench_step.py JSON files (the README's tables are made with this).
+"""Markdown tables from bench_step.py JSON files (the READMEs' tables are made with this).
 
 python benchmarks/make_table.py benchmarks/results/cpu_b100.json benchmarks/results/cpu_b1000.json
+python benchmarks/make_table.py --summary FILE.json ...   # one compact table over all the files
 """
 
 import json
 import sys
+
+SUMMARY_IMPLS = ("pyro", "pyro_noval", "pyro_jit")
 
 
 def _f(value, scale=1.0, spec=".1f"):
@@ -47,6 +50,37 @@ def table(report):
     return "\n".join(rows)
 
 
+def _ratio(r, name):
+    key = f"{name}/reference"
+    if key not in r["ratios"]:
+        return "–"
+    low, high = r["ratio_quartiles"][key]
+    return f"{r['ratios'][key]:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def summary(reports):
+    """Step time of the reference and Pyro's ratios to it (median [quartiles]), per model and B."""
+    basis = {"CPU" if rep["meta"]["device"] == "cpu" else "wall" for rep in reports}
+    rows = [
+        f"| model | B | reference step ms ({'/'.join(sorted(basis))}) | pyro epoch s | "
+        + " | ".join(f"{n} × reference" for n in (*SUMMARY_IMPLS, "naive"))
+        + " |",
+        "|" + "---|" * (5 + len(SUMMARY_IMPLS)),
+    ]
+    for rep in reports:
+        for r in rep["results"]:
+            ratios = " | ".join(_ratio(r, n) for n in (*SUMMARY_IMPLS, "naive"))
+            rows.append(
+                f"| {r['model']} | {r['batch_size']} | {_f(r['impls']['reference']['step_s'], 1e-3)}"
+                f" | {_f(r['impls']['pyro']['epoch_s'])} | {ratios} |"
+            )
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(table(json.loads(open(path).read())) + "\n")
+    args = sys.argv[1:]
+    if args and args[0] == "--summary":
+        print(summary([json.loads(open(path).read()) for path in args[1:]]))
+    else:
+        for path in args:
+            print(table(json.loads(open(path).read())) + "\n")

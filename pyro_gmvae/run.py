@@ -327,6 +327,10 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
 
     # The data were checked once above; per-step checks would read back from the device.
     set_validation(False)
+    # Pyro's own checks (distribution arguments and supports) also read back, about 25 times a
+    # step: they run on this process's first step, which catches a model or guide that is wrong,
+    # and then stop; the trainer's NaN guard covers the loss and gradients from there on.
+    pyro_checks = True
     last = (read_metrics(out) or [{}])[-1]
     t0 = time.perf_counter() - elapsed
     try:
@@ -345,7 +349,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 disable=not cfg.progress,
                 unit="step",
             ):
-                loss = trainer.step(x)
+                with pyro.validation_enabled(pyro_checks):
+                    loss = trainer.step(x)
+                pyro_checks = False
                 # A step rolled back (on_nan="rollback") returns its non-finite loss: leave it
                 # out of the epoch's mean. Kept on the device: no host sync per step.
                 finite = torch.isfinite(loss)

@@ -388,6 +388,22 @@ def test_a_nan_batch_during_a_run(on_nan, tmp_path, monkeypatch):
     assert math.isfinite(summary["train_loss"])
 
 
+def test_pyro_checks_run_on_the_first_step_only(tmp_path, monkeypatch):
+    """Pyro's validation (host reads every step) checks the first step, then the NaN guard."""
+    from pyro.infer.util import is_validation_enabled
+
+    seen, step = [], Trainer.step
+
+    def recording(self, x):
+        seen.append(is_validation_enabled())
+        return step(self, x)
+
+    monkeypatch.setattr(Trainer, "step", recording)
+    run(config(tmp_path, epochs=2, kl_warmup_epochs=0))
+    assert seen == [True] + [False] * (2 * STEPS_PER_EPOCH - 1)
+    assert is_validation_enabled()  # restored after the run
+
+
 def test_atomic_save_leaves_no_temporary_file_on_error(tmp_path, monkeypatch):
     path = tmp_path / "state.pt"
     R.atomic_save({"a": 1}, path)
