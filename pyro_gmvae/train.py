@@ -22,9 +22,9 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     """A ``torch.optim`` optimiser by name, in its fused form (one kernel over all parameters).
 
-    Same update rule as the default per-tensor loop; on CPU the fused Adam step is 2.5-3.6x
-    faster for these models (gmvae_w's 8.6 M parameters: 36 ms -> 10 ms per step, about a
-    quarter of the whole SVI step; see ``benchmarks/README.md``).
+    The same update as the default per-tensor loop, several times faster: on the 2-core CPU of
+    ``benchmarks/README.md`` an Adam step over GMVAE-w's 8.6 M parameters takes 8 ms fused
+    against 62 ms (``benchmarks/bench_optimizer.py``), a large share of the whole SVI step.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")

@@ -4,7 +4,8 @@
   broadcast concatenation [x, y] give the same loss and gradients.
 - The hand-written enumerated loss (``benchmarks/reference.py``) equals TraceEnum_ELBO's loss and
   gradients on the same random draws, for all four models, so the timed comparison is fair.
-- ``benchmarks/bench_step.py --quick`` writes JSON with every documented key.
+- ``benchmarks/bench_step.py --quick`` writes JSON with every documented key; so does
+  ``benchmarks/bench_optimizer.py``.
 """
 
 import json
@@ -19,7 +20,7 @@ from pyro_gmvae.nets import JointLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package
 
-from benchmarks import bench_step  # noqa: E402
+from benchmarks import bench_optimizer, bench_step  # noqa: E402
 from benchmarks.reference import joint_linear, reference_loss  # noqa: E402
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
@@ -134,3 +135,12 @@ def test_quick_benchmark_writes_documented_json(tmp_path):
         # The reference reads nothing back to the host; Pyro's TraceEnum_ELBO does.
         assert r["impls"]["reference"]["host_reads_per_step"] == 0
     assert any(t["passed"] is None for t in report["targets"])  # quick: size targets are n/a
+
+
+def test_optimizer_benchmark_writes_json(tmp_path):
+    out = tmp_path / "adam.json"
+    bench_optimizer.main(["--models", "gmvae", "--repeats", "1", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["model"] == "gmvae" and row["parameters"] > 1e6
+    assert set(row["step_s"]) == {"fused", "per_tensor", "foreach"}
+    assert all(t > 0 for t in row["step_s"].values())
