@@ -20,7 +20,7 @@ from pyro_gmvae.nets import JointLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the benchmarks package
 
-from benchmarks import bench_optimizer, bench_step  # noqa: E402
+from benchmarks import bench_epoch, bench_optimizer, bench_step  # noqa: E402
 from benchmarks.reference import joint_linear, reference_loss  # noqa: E402
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
@@ -144,3 +144,18 @@ def test_optimizer_benchmark_writes_json(tmp_path):
     assert row["model"] == "gmvae" and row["parameters"] > 1e6
     assert set(row["step_s"]) == {"fused", "per_tensor", "foreach"}
     assert all(t > 0 for t in row["step_s"].values())
+
+
+def test_epoch_benchmark_times_the_training_loop(tmp_path):
+    out = tmp_path / "epoch.json"
+    argv = ["--synthetic", "--limit", "200", "--batch-sizes", "50", "--epochs", "2",
+            "--max-steps", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    bench_epoch.main(argv)
+    (result,) = json.loads(out.read_text())["results"]
+    assert [r["epoch"] for r in result["epochs"]] == [0, 1]
+    for row in result["epochs"]:
+        assert (row["steps_timed"], row["steps_per_epoch"]) == (2, 4)
+        assert row["epoch_s"] == pytest.approx(2 * row["seconds_timed"])  # scaled to 4 steps
+        assert row["mean_loss"] > 0
+    with pytest.raises(SystemExit):
+        bench_epoch.main(["--epochs", "1"])
