@@ -424,10 +424,24 @@ def cpu_model_name():
     return platform.processor() or platform.machine()
 
 
+def git_commit():
+    """The repository's commit, with "+changes" when the working tree differs; None outside git."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def metadata(args, device):
     meta = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "git_commit": git_commit(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "python": platform.python_version(),

@@ -152,7 +152,8 @@ def select_component(params, idx):
 
 def normal_log_density(x, loc, scale):
     """log N(x | loc, diag(scale²)), summed over the last dim (Normal(loc, scale).to_event(1))."""
-    return (-0.5 * ((x - loc) / scale) ** 2 - scale.log()).sum(-1) - x.shape[-1] * _HALF_LOG_2PI
+    # The constant inside the sum: under torch.jit.trace a shape is a float32 tensor.
+    return (-0.5 * ((x - loc) / scale) ** 2 - scale.log() - _HALF_LOG_2PI).sum(-1)
 
 
 class ComponentNormal(TorchDistribution):

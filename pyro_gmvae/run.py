@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from . import MODELS, make_model
@@ -329,8 +330,9 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
     set_validation(False)
     # Pyro's own checks (distribution arguments and supports) also read back, about 25 times a
     # step: they run on this process's first step, which catches a model or guide that is wrong,
-    # and then stop; the trainer's NaN guard covers the loss and gradients from there on.
-    pyro_checks = True
+    # and then stop; the trainer's NaN guard covers the loss and gradients from there on. A user
+    # who switched them off keeps them off.
+    pyro_checks = is_validation_enabled()
     last = (read_metrics(out) or [{}])[-1]
     t0 = time.perf_counter() - elapsed
     try:

@@ -239,6 +239,21 @@ def test_placements():
 # --- enum-jit --------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("guide_name", ["exact_posterior", "model_enum"])
+def test_enum_jit_equals_enum_in_float64(guide_name):
+    """No float32 constant creeps into a traced float64 loss (e.g. from a traced shape)."""
+    model, guide = tiny("gmvae_w", guide_name)
+    model, guide, x = model.double(), guide.double(), data().double()
+    enum, jit = make_estimator("enum", model, guide), make_estimator("enum-jit", model, guide)
+    jit.loss_and_grads(model.model, guide, x)  # compiles (its own draws)
+    pyro.set_rng_seed(1)
+    loss_jit = jit.loss_and_grads(model.model, guide, x)
+    pyro.set_rng_seed(1)
+    loss_enum = enum.loss(model.model, guide, x)
+    assert loss_jit.dtype == torch.float64
+    torch.testing.assert_close(loss_jit, torch.as_tensor(loss_enum).detach(), rtol=1e-12, atol=0)
+
+
 def test_enum_jit_equals_enum_on_the_same_draws_and_trains_every_parameter():
     model, guide = tiny("gmvae", "mean_field")
     x = data()

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import pyro
 import pytest
 import torch
 
@@ -402,6 +403,11 @@ def test_pyro_checks_run_on_the_first_step_only(tmp_path, monkeypatch):
     run(config(tmp_path, epochs=2, kl_warmup_epochs=0))
     assert seen == [True] + [False] * (2 * STEPS_PER_EPOCH - 1)
     assert is_validation_enabled()  # restored after the run
+    # Switched off by the user, they stay off.
+    seen.clear()
+    with pyro.validation_enabled(False):
+        run(config(tmp_path / "off", epochs=1, kl_warmup_epochs=0))
+    assert seen == [False] * STEPS_PER_EPOCH
 
 
 def test_atomic_save_leaves_no_temporary_file_on_error(tmp_path, monkeypatch):

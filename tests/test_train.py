@@ -276,6 +276,44 @@ def test_state_dict_continues_exactly(on_nan, estimator, kl_weight):
     assert second.step_count == full.step_count == len(xs)
 
 
+def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused():
+    """States saved before the optimiser was fused load, fuse again and take the same steps."""
+    xs, k = batches(5), 3
+    old = Trainer(tiny_model())
+    old.optimizer = torch.optim.Adam(old.params, lr=1e-3)  # what the trainer used to build
+    for x in xs[:k]:
+        old.step(x)
+    buffer = io.BytesIO()
+    torch.save(old.state_dict(), buffer)
+    buffer.seek(0)
+    new = Trainer(tiny_model(seed=5))
+    new.load_state_dict(torch.load(buffer, weights_only=False))
+    assert all(group["fused"] for group in new.optimizer.param_groups)
+    for x in xs[k:]:
+        rng = pyro.util.get_rng_state()
+        old.step(x)
+        pyro.util.set_rng_state(rng)  # the same draws for both
+        new.step(x)
+    for p, q in zip(params_of(old), params_of(new)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_step_invalidates_what_is_cached_on_parameter_versions():
+    """GMVAE-w reuses its prior network's output while the parameters' versions are unchanged;
+    a fused kernel writes parameters without bumping them, so the trainer's optimiser does."""
+    from pyro_gmvae import GMVAEW
+
+    pyro.set_rng_seed(0)
+    model = GMVAEW(data_dim=D, k=K, x_dim=2, w_dim=2, hidden=8)
+    trainer = Trainer(model)
+    w = torch.randn(4, 2)
+    first = model.components(w)[0]
+    assert model.components(w)[0] is first
+    trainer.step(batches(1)[0])
+    fresh = model.components(w)[0]
+    assert fresh is not first and not torch.allclose(fresh, first)
+
+
 def test_rollback_after_load_returns_to_the_loaded_state():
     trainer = Trainer(tiny_model(), on_nan="rollback")
     xs = batches(3)
