@@ -144,7 +144,7 @@ def select_component(params, idx):
     (its backward an index_add) does it, about 10x faster on CPU than the advanced indexing of
     ``Vindex`` (whose backward is an accumulating index_put). Other shapes go through ``Vindex``.
     """
-    if params.dim() == 3 and idx.shape[-1] == 1:
+    if params.dim() == 3 and idx.dim() > 0 and idx.shape[-1] == 1:
         picked = params.index_select(-2, idx.reshape(-1))  # (B, n, D)
         return picked.transpose(0, 1).reshape(*idx.shape[:-1], params.shape[0], params.shape[-1])
     return Vindex(params)[..., idx, :]
@@ -162,7 +162,9 @@ class ComponentNormal(TorchDistribution):
     ``loc`` and ``scale`` are (..., B, K, D), ``idx`` the clusters (..., B), under enumeration
     (K, 1). The density is read from the all-component table log N(x | μ_k, σ²_k), (..., B, K)
     (``log_lik(x)``, by default computed here), at k = c: no K-fold gather of loc and scale, and
-    with :meth:`GMVAEW.component_log_lik` the table is the one p(c|x,w) already needed.
+    with :meth:`GMVAEW.component_log_lik` the table is the one p(c|x,w) already needed. It is
+    not an ``Independent(Normal)``: reparametrisers that expect one (``LocScaleReparam``) do not
+    apply to it; :meth:`selected` gives that distribution.
     """
 
     arg_constraints = {"loc": constraints.real, "scale": constraints.positive}

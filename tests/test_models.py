@@ -330,7 +330,7 @@ def test_gmvae_w_reuses_the_prior_network_only_while_it_is_valid(make_tiny, bina
 @pytest.mark.parametrize(
     "params_shape, idx_shape",
     [((5, 3, 4), (3, 1)), ((5, 3, 4), (2, 3, 1)), ((5, 3, 4), (5,)), ((1, 3, 4), (1,)),
-     ((2, 5, 3, 4), (3, 1, 1))],
+     ((2, 5, 3, 4), (3, 1, 1)), ((3, 4), ())],
 )  # fmt: skip
 def test_select_component_equals_advanced_indexing(params_shape, idx_shape):
     """gmvae_w's fast component selection gives Vindex's values and gradients."""
