@@ -535,3 +535,73 @@ def test_compare_elbos_script(tmp_path):
     assert "| gmvae | score | 1 |" in text and "gmvae / tmc" in text
     assert json.loads((out / "results.json").read_text())["refused"] == result["refused"]
     assert (out / "curves.png").stat().st_size > 1000
+
+
+# --- gmvae_w's fast path against the straightforward model, under every estimator ------------
+
+
+class PlainGMVAEW(type(make_model("gmvae_w", data_dim=2, k=2, x_dim=1, w_dim=1, hidden=2))):
+    """GMVAE-w written the straightforward way: p(c|x,w) and p(x|c,w) each evaluate their own
+    Normal densities, and the model gathers the selected component with Vindex."""
+
+    def cluster_log_posterior(self, x, w):
+        loc, scale = self.components(w)
+        log_lik = dist.Normal(loc, scale).log_prob(x.unsqueeze(-2)).sum(-1)
+        return (self.cluster_log_prior() + log_lik).log_softmax(-1)
+
+    def model(self, obs):
+        from pyro.ops.indexing import Vindex
+
+        from pyro_gmvae.nets import observation_dist
+
+        self.check(obs)
+        pyro.module(self.name, self)
+        with pyro.plate("data", obs.shape[0]):
+            w = pyro.sample("w", dist.Normal(obs.new_zeros(self.w_dim), 1.0).to_event(1))
+            idx = self.sample_cluster().argmax(-1)
+            loc, scale = self.components(w)
+            loc, scale = Vindex(loc)[..., idx, :], Vindex(scale)[..., idx, :]
+            x = pyro.sample("x", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("obs", observation_dist(self.decoder(x), self.likelihood), obs=obs)
+
+
+GMVAE_W_CASES = [
+    (name, guide_name, particles)
+    for name, pairs in ACCEPTED.items()
+    for model_name, guide_name in pairs
+    if model_name == "gmvae_w"
+    for particles in sorted({1, PARTICLES.get(name, 1), 3} - ({1} if name == "rws" else set()))
+]
+
+
+@pytest.mark.parametrize("name, guide_name, particles", GMVAE_W_CASES)
+@pytest.mark.parametrize("batch", [1, 6])
+def test_gmvae_w_fast_path_equals_the_straightforward_model(name, guide_name, particles, batch):
+    """The shared density table, ComponentNormal and index_select change no loss or gradient."""
+    import copy
+
+    model, guide = tiny("gmvae_w", guide_name)
+    model, guide = model.double(), guide.double()
+    guide.eval()  # BatchNorm: a batch of one needs the running statistics
+    plain = copy.deepcopy(model)
+    plain.__class__ = PlainGMVAEW
+    plain_guide = copy.deepcopy(guide)
+    plain_guide.__dict__["model"] = plain
+    x = data(batch).double()
+    results = []
+    for m, g in ((model, guide), (plain, plain_guide)):
+        # Each its own store: the same module names, and graph's baseline lives there.
+        pyro.clear_param_store()
+        est = make_estimator(name, m, g, num_particles=particles)
+        if name == "enum-jit":
+            est.loss_and_grads(m.model, g, x)  # compiles (its own draws)
+            zero_grads(m, g)
+        pyro.set_rng_seed(1)
+        loss = est.loss_and_grads(m.model, g, x)
+        grads = [p.grad.clone() for p in (*m.parameters(), *g.parameters()) if p.grad is not None]
+        results.append((torch.as_tensor(loss), grads))
+    (loss, grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-10, atol=1e-10)
+    assert len(grads) == len(plain_grads) > 0
+    for g, h in zip(grads, plain_grads):
+        torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-10)
