@@ -1,8 +1,12 @@
 """The "real" GMVAE of Rui Shu's analysis: a Gaussian mixture prior on z."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .base import MixtureVAE
 from .m2 import _mean_image
@@ -17,15 +21,31 @@ class GMVAE(MixtureVAE):
         x \mid z \sim \mathrm{Bernoulli}(f_\theta(z))
 
     μ(y) and σ²(y) are single linear layers on the one-hot y (softplus plus a floor for the
-    variance). With the guide q(y|x) q(z|x,y) and the plain ELBO this clusters MNIST at 80-95 %.
+    variance), so column k of each layer is component k's mean (raw variance). Shu's guide is
+    q(y|x) q(z|x,y); the VaDE guide (Jiang et al. 2017) takes q(y|x,z) = p(y|z) by Bayes' rule
+    from this prior (:meth:`cluster_log_posterior`). ``learn_weights=True`` makes the mixture
+    weights p(y) = softmax(logits) a parameter (VaDE); the sources keep p(y) uniform.
     """
 
     name = "gmvae"
 
     def __init__(
-        self, data_dim=784, k=10, z_dim=64, hidden=(512, 512), likelihood="bernoulli", min_var=1e-4
+        self,
+        data_dim=784,
+        k=10,
+        z_dim=64,
+        hidden=(512, 512),
+        likelihood="bernoulli",
+        min_var=1e-4,
+        learn_weights=False,
     ):
         super().__init__(data_dim, k, likelihood)
+        self.learn_weights = bool(learn_weights)
+        if self.learn_weights:
+            # A parameter instead of the uniform buffer: pyro.module registers it with the rest.
+            logits = self.cluster_logits
+            del self.cluster_logits
+            self.cluster_logits = nn.Parameter(logits)
         self.z_dim, self.hidden, self.min_var = z_dim, tuple(hidden), min_var
         self.prior = GaussianHead(k, z_dim, min_var)  # p(z|y), linear in one-hot y
         self.decoder = mlp(
@@ -41,6 +61,45 @@ class GMVAE(MixtureVAE):
             y = self.sample_cluster()
             z = pyro.sample("z", dist.Normal(*self.prior(y)).to_event(1))
             pyro.sample("x", observation_dist(self.decoder(z), self.likelihood), obs=x)
+
+    def components(self):
+        """Means and scales of the K prior components p(z|y=k), each (K, z_dim)."""
+        return self.prior(torch.eye(self.k, dtype=self.cluster_logits.dtype,
+                                    device=self.cluster_logits.device))  # fmt: skip
+
+    def cluster_log_posterior(self, z):
+        """log p(y | z) by Bayes' rule over the K components, shape (..., K), for z (..., z_dim)."""
+        loc, scale = self.components()
+        log_lik = dist.Normal(loc, scale).log_prob(z.unsqueeze(-2)).sum(-1)  # (..., K)
+        return F.log_softmax(self.cluster_log_prior() + log_lik, dim=-1)
+
+    @torch.no_grad()
+    def set_mixture(self, means, variances, weights=None):
+        """Set p(z|y=k) = N(means[k], diag variances[k]) and, if given, p(y) = weights.
+
+        Weights need ``learn_weights=True`` unless they are uniform (the sources' fixed p(y)).
+        """
+        means = torch.as_tensor(means, dtype=self.cluster_logits.dtype)
+        variances = torch.as_tensor(variances, dtype=self.cluster_logits.dtype)
+        if means.shape != (self.k, self.z_dim) or variances.shape != means.shape:
+            raise ValueError(
+                f"need means and variances of shape ({self.k}, {self.z_dim}), got "
+                f"{tuple(means.shape)} and {tuple(variances.shape)}"
+            )
+        if not (variances > self.min_var).all():
+            raise ValueError(f"every variance must exceed the floor min_var = {self.min_var}")
+        device = self.cluster_logits.device
+        self.prior.loc.weight.copy_(means.T.to(device))
+        self.prior.loc.bias.zero_()
+        # positive(raw) = softplus(raw) + floor, so raw = softplus⁻¹(var - floor) = log(expm1(.)).
+        self.prior.var.weight.copy_(torch.log(torch.expm1(variances - self.min_var)).T.to(device))
+        self.prior.var.bias.zero_()
+        if weights is not None:
+            logits = torch.as_tensor(weights, dtype=self.cluster_logits.dtype).log().to(device)
+            uniform = torch.allclose(logits, torch.full_like(logits, -math.log(self.k)))
+            if not self.learn_weights and not uniform:
+                raise ValueError("non-uniform mixture weights need GMVAE(learn_weights=True)")
+            self.cluster_logits.copy_(logits)
 
     @torch.no_grad()
     def sample(self, y, z=None):

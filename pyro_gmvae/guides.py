@@ -19,6 +19,8 @@ name              variational family                                            
 ``cond_spline``   as ``spline``, every flow conditioned on h(x, y)                 all four
 ``relaxed``       y ~ Concrete / Gumbel-softmax (Jang et al.; Maddison et al.      m2, modified_m2,
                   2017), sampled and reparameterised instead of enumerated         gmvae
+``vade``          q(z|x) p(y|z): q(y|x,z) is the model's exact p(y|z) (VaDE, Jiang   gmvae
+                  et al. 2017), y enumerated; the decoder runs once per point
 ``exact_posterior``  q(x|obs) q(w|obs) p(c|x,w), c enumerated in the guide          gmvae_w
 ``model_enum``    q(x|obs) q(w|obs), c enumerated in the model                     gmvae_w
 ================  ==============================================================  ==================
@@ -166,6 +168,14 @@ class MeanFieldGuide(nn.Module):
     def z_params(self, x, y):
         """Location and scale of q(z|x,y); y may carry leading enumeration dims."""
         return self.z_head(self.z_features(x, y))
+
+    def encode(self, x):
+        """The mean of q(z|x,y) with the y input at zero: the code autoencoder pretraining trains.
+
+        :func:`pyro_gmvae.init.initialise` zeroes the y weights after pretraining, so the
+        pretrained encoder is then the mean of q(z|x,y) for every y.
+        """
+        return self.z_head.loc(self.z_net(torch.relu(self.z_in.linear_a(x))))
 
     def z_dist(self, x, y):
         """q(z|x,y): batch shape (..., B) from x (B, D) and y (..., B or 1, K), event (z_dim,)."""
@@ -343,6 +353,67 @@ def relax_cluster_prior(model_fn, site, temperature):
     return RelaxClusterPrior(site, temperature)(model_fn)
 
 
+class VaDEGuide(nn.Module):
+    r"""q(z|x) q(y|x,z) for GMVAE with q(y|x,z) = p(y|z), the model's exact cluster posterior.
+
+    .. math::
+        z \sim \mathcal N(\mu(x), \operatorname{diag}\sigma^2(x)), \qquad
+        q(y \mid x, z) = p(y \mid z) =
+            \frac{p(y)\,\mathcal N(z; \mu_y, \sigma^2_y)}{\sum_k p(k)\,\mathcal N(z; \mu_k, \sigma^2_k)}
+
+    (VaDE; Jiang et al. 2017, eq. 16). With this q(y|x,z) the sum over y inside the ELBO is the
+    log-density of the mixture prior, so the ELBO is
+    E_q(z|x)[log p(x|z) + log Σ_k p(k) p(z|k) − log q(z|x)]: the tightest bound for this q(z|x).
+    z does not depend on y, so the decoder runs once per point instead of K times (Shu's guide),
+    and y has no encoder of its own: it is trained through the prior's parameters.
+
+    ``encode(x)`` (the mean of q(z|x)) is the code that autoencoder pretraining trains
+    (:mod:`pyro_gmvae.init`).
+    """
+
+    name = "vade"
+    fits = ("gmvae",)
+    exact_cluster_posterior = True  # q(y|x,z) has no parameters of its own (estimators.py)
+
+    def __init__(self, model, hidden=None, min_var=None):
+        super().__init__()
+        hidden = tuple(model.hidden if hidden is None else hidden)
+        self.cluster_site = model.cluster_site
+        # A plain reference: the prior's parameters belong to the model, not to this guide.
+        self.__dict__["model"] = model
+        self.encoder = mlp([model.data_dim, *hidden])
+        self.z_head = GaussianHead(
+            hidden[-1], model.z_dim, model.min_var if min_var is None else min_var
+        )
+        xavier_init(self)
+
+    def z_dist(self, x):
+        """q(z|x), batch shape (B,), event (z_dim,)."""
+        return dist.Normal(*self.z_head(self.encoder(x))).to_event(1)
+
+    def encode(self, x):
+        """The mean of q(z|x)."""
+        return self.z_head.loc(self.encoder(x))
+
+    def forward(self, x):
+        self.model.check(x)
+        pyro.module("guide", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", self.z_dist(x))
+            # q(y|x,z) = p(y|z) exactly; enumerated in parallel (K, 1, K), so Σ_y is exact.
+            logits = self.model.cluster_log_posterior(z)
+            pyro.sample(
+                self.cluster_site,
+                dist.OneHotCategorical(logits=logits),
+                infer={"enumerate": "parallel"},
+            )
+
+    @torch.no_grad()
+    def cluster_probs(self, x):
+        """p(y | z = mean of q(z|x)), shape (B, K)."""
+        return self.model.cluster_log_posterior(self.encode(x)).exp()
+
+
 class GMVAEWGuide(nn.Module):
     r"""q(x|y) q(w|y) for :class:`~pyro_gmvae.gmvae_w.GMVAEW`, with the cluster posterior exact.
 
@@ -443,6 +514,7 @@ GUIDES = {
     "mean_field": MeanFieldGuide,
     **{flow: _flow_guide(flow) for flow in FLOWS},
     "relaxed": RelaxedGuide,
+    "vade": VaDEGuide,
     "exact_posterior": GMVAEWGuide,
     "model_enum": lambda model, **kwargs: GMVAEWGuide(model, cluster="model", **kwargs),
 }
@@ -450,6 +522,7 @@ GUIDE_FITS = {
     "mean_field": Y_Z_MODELS,
     **{flow: ALL_MODELS for flow in FLOWS},
     "relaxed": Y_Z_MODELS,
+    "vade": ("gmvae",),
     "exact_posterior": ("gmvae_w",),
     "model_enum": ("gmvae_w",),
 }
@@ -457,6 +530,7 @@ GUIDE_FITS = {
 _MISFIT_WHY = {
     "mean_field": "it guides a cluster y and latent z; gmvae_w has w, c, x and an exact p(c|x,w)",
     "relaxed": "gmvae_w's cluster posterior p(c|x,w) is exact, so there is nothing to relax",
+    "vade": "q(y|x,z) is the Bayes posterior of a Gaussian mixture prior p(z|y): gmvae's",
     "exact_posterior": "it needs a model whose cluster posterior is exact given the latents (gmvae_w)",
     "model_enum": "it needs a model whose cluster posterior is exact given the latents (gmvae_w)",
 }

@@ -1,0 +1,177 @@
+r"""The initialisation stage: autoencoder pretraining and a mixture fitted to the codes.
+
+A mixture VAE trained from random weights settles on whatever clusters its first epochs
+suggest; on MNIST that is 55-65 % accuracy. VaDE (Jiang et al. 2017) and DEC (Xie et al. 2016)
+start instead from an autoencoder: pretrain the encoder mean and the decoder on reconstruction,
+fit a Gaussian mixture to the codes, and set the prior p(z|y) (means, variances; weights when
+learnable) to that mixture. N2D (McConville et al. 2020) showed that the codes' clusters are
+found far better on a manifold-learning embedding of them (UMAP) than by a mixture on the codes
+directly. ``method="umap"`` uses that embedding as the latent space itself: after pretraining,
+the encoder mean is fitted to the (standardised) UMAP embedding of its own codes while the
+decoder keeps reconstructing, so that the GMVAE's z *is* a space in which the clusters are
+compact, and the mixture is fitted there. No labels are used anywhere.
+
+=========  ======================================================================================
+method     what is done after ``pretrain_epochs`` of autoencoder training
+=========  ======================================================================================
+``none``   nothing (the sources' recipes)
+``gmm``    a diagonal ``GaussianMixture`` on the codes sets p(z|y) (VaDE)
+``umap``   codes → UMAP (``z_dim`` components) → the encoder fitted to it → ``GaussianMixture``
+=========  ======================================================================================
+
+Guides with their own cluster encoder q(y|x) (Shu's ``mean_field`` and its flows) get it fitted
+to the mixture's responsibilities; their q(z|x,y) starts as the pretrained encoder for every y.
+"""
+
+import math
+import time
+
+import numpy as np
+import torch
+from sklearn.mixture import GaussianMixture
+
+from .nets import observation_dist
+
+INIT_METHODS = ("none", "gmm", "umap")
+
+
+def _parameters(*modules):
+    return list({id(p): p for m in modules for p in m.parameters()}.values())
+
+
+def _minibatches(n, batch_size, generator):
+    order = torch.randperm(n, generator=generator)
+    for i in range(0, n, batch_size):
+        yield order[i : i + batch_size]
+
+
+def pretrain_autoencoder(model, guide, x, epochs, batch_size=256, lr=1e-3, seed=0, target=None,
+                         target_weight=1.0) -> list[float]:  # fmt: skip
+    r"""Train ``guide.encode`` and ``model.decoder`` as an autoencoder; returns the epoch losses.
+
+    The loss per point is :math:`-\log p(x \mid z = \mathrm{encode}(x))` under the model's
+    likelihood (Bernoulli cross-entropy on grey levels in [0, 1], or the Gaussian), plus
+    ``target_weight`` · ‖encode(x) − target‖² when a target embedding (N, z_dim) is given.
+    Batches are drawn from a CPU generator seeded with ``seed``, so the result is reproducible.
+    """
+    if epochs <= 0:
+        return []
+    params = _parameters(guide, model.decoder)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    guide.train(), model.train()
+    for _ in range(epochs):
+        total = torch.zeros((), device=x.device)
+        for idx in _minibatches(x.shape[0], batch_size, generator):
+            idx = idx.to(x.device)
+            xb = x[idx]
+            code = guide.encode(xb)
+            loss = -observation_dist(model.decoder(code), model.likelihood).log_prob(xb).sum()
+            if target is not None:
+                loss = loss + target_weight * (code - target[idx]).pow(2).sum()
+            optimizer.zero_grad(set_to_none=True)
+            (loss / xb.shape[0]).backward()
+            optimizer.step()
+            total += loss.detach()
+        losses.append(total.item() / x.shape[0])
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(
+                f"autoencoder pretraining diverged (loss {losses[-1]}); try a lower learning rate"
+            )
+    return losses
+
+
+@torch.no_grad()
+def encode_all(guide, x, batch_size=1000) -> torch.Tensor:
+    """``guide.encode`` on every row of x, in eval mode, shape (N, z_dim)."""
+    was_training = guide.training
+    guide.eval()
+    try:
+        return torch.cat([guide.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    finally:
+        guide.train(was_training)
+
+
+def fit_mixture(codes, k, n_init=5, seed=0, min_var=1e-4) -> GaussianMixture:
+    """A diagonal ``GaussianMixture`` on the codes (scikit-learn; k-means initialisation)."""
+    codes = np.asarray(codes, dtype=np.float64)
+    # reg_covar keeps every variance above the prior's floor, so set_mixture can represent it.
+    return GaussianMixture(
+        k, covariance_type="diag", n_init=n_init, random_state=seed, reg_covar=max(1e-6, 2 * min_var)
+    ).fit(codes)
+
+
+def umap_embedding(codes, n_components, n_neighbors=20, seed=0) -> np.ndarray:
+    """N2D's embedding of the codes: UMAP with ``min_dist=0`` (clusters packed tight), standardised.
+
+    ``random_state`` makes UMAP deterministic (and single-threaded).
+    """
+    import umap  # imported here: numba compiles on first import, which costs seconds
+
+    n_neighbors = min(n_neighbors, len(codes) - 1)
+    emb = umap.UMAP(
+        n_neighbors=n_neighbors, min_dist=0.0, n_components=n_components, random_state=seed
+    ).fit_transform(np.asarray(codes, dtype=np.float32))
+    return (emb - emb.mean(0)) / emb.std(0)
+
+
+def fit_cluster_encoder(guide, x, responsibilities, epochs=2, batch_size=256, lr=1e-3, seed=0):
+    """Fit q(y|x) (``guide.cluster_logits``) to the mixture's responsibilities (cross-entropy)."""
+    optimizer = torch.optim.Adam(_parameters(guide), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in _minibatches(x.shape[0], batch_size, generator):
+            idx = idx.to(x.device)
+            log_q = guide.cluster_logits(x[idx]).log_softmax(-1)
+            loss = -(responsibilities[idx] * log_q).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+def initialise(model, guide, x, method="gmm", pretrain_epochs=10, batch_size=256, lr=1e-3,
+               n_init=5, seed=0, umap_neighbors=20, embed_epochs=5, encoder_epochs=2) -> dict:  # fmt: skip
+    """The initialisation stage on training data x (N, D); returns a report of what it did.
+
+    Pretrains the autoencoder (``pretrain_epochs``), then, by ``method`` (see the module doc),
+    fits the mixture and writes it into the model's prior with ``model.set_mixture`` (weights
+    too when ``model.learn_weights``), and fits a guide's own cluster encoder to the mixture's
+    responsibilities. Everything is seeded from ``seed``.
+    """
+    if method not in INIT_METHODS:
+        raise ValueError(f"unknown init method {method!r}; choose one of {INIT_METHODS}")
+    if method != "none" and not hasattr(model, "set_mixture"):
+        raise ValueError(
+            f"init={method!r} fits a Gaussian mixture prior p(z|y); model {model.name!r} has none "
+            "(use gmvae, or init='none')"
+        )
+    if not hasattr(guide, "encode") and (pretrain_epochs > 0 or method != "none"):
+        raise ValueError(f"guide {type(guide).__name__} has no encode(x) to pretrain")
+    t0 = time.perf_counter()
+    report = {"init": method, "pretrain_epochs": pretrain_epochs}
+    torch.manual_seed(seed)
+    report["pretrain_loss"] = pretrain_autoencoder(model, guide, x, pretrain_epochs, batch_size,
+                                                   lr, seed)  # fmt: skip
+    if method == "none":
+        report["init_s"] = time.perf_counter() - t0
+        return report
+    codes = encode_all(guide, x)
+    if method == "umap":
+        target = umap_embedding(codes.cpu().numpy(), codes.shape[1], umap_neighbors, seed)
+        target = torch.as_tensor(target, dtype=codes.dtype, device=x.device)
+        report["embed_loss"] = pretrain_autoencoder(model, guide, x, embed_epochs, batch_size, lr,
+                                                    seed + 1, target=target)  # fmt: skip
+        codes = encode_all(guide, x)
+    gmm = fit_mixture(codes.cpu().numpy(), model.k, n_init, seed, model.min_var)
+    model.set_mixture(gmm.means_, gmm.covariances_, gmm.weights_ if model.learn_weights else None)
+    report["gmm_log_likelihood"] = float(gmm.score(codes.cpu().numpy()))
+    if hasattr(guide, "cluster_logits") and hasattr(guide, "z_in"):
+        with torch.no_grad():
+            # q(z|x,y) starts as the pretrained encoder for every y.
+            guide.z_in.linear_b.weight.zero_()
+        resp = torch.as_tensor(gmm.predict_proba(codes.cpu().numpy()), dtype=x.dtype, device=x.device)
+        fit_cluster_encoder(guide, x, resp, encoder_epochs, batch_size, lr, seed + 2)
+    report["init_s"] = time.perf_counter() - t0
+    return report
+
