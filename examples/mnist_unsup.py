@@ -44,9 +44,12 @@ from pyro_gmvae import MODELS
 from pyro_gmvae.data import DatasetNotFoundError, binarize_fixed, load_dataset
 from pyro_gmvae.estimators import ESTIMATORS
 from pyro_gmvae.guides import GUIDES
+from pyro_gmvae.init import INIT_METHODS
 from pyro_gmvae.run import (
     CHECKPOINT,
     DATASETS,
+    DEFAULT_RECIPE,
+    RECIPES,
     RESUMABLE_CHANGES,
     RunConfig,
     build_model,
@@ -65,10 +68,7 @@ from pyro_gmvae.train import (
 
 DEFAULTS = RunConfig()
 # Settings that differ from RunConfig's defaults for one model or dataset; a flag overrides them.
-MODEL_DEFAULTS = {
-    # Dilokthanakul et al.'s MNIST script: Adam 1e-4, batch 50, the z-prior gate λ = 0.5.
-    "gmvae_w": {"lr": 1e-4, "batch_size": 50, "free_bits": 0.5},
-}
+MODEL_DEFAULTS = {"gmvae_w": RECIPES["dilokthanakul"]}
 DATASET_DEFAULTS = {"arcs": {"binarize": "none"}}  # real-valued 2-D points
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32)}
 # Flag names of RunConfig fields whose flag is not simply --field-name.
@@ -93,6 +93,19 @@ def int_at_least(minimum):
         return value
 
     return parse
+
+
+def widths(text):
+    """"512" -> 512; "500,500,2000" -> [500, 500, 2000]."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer or comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"widths must be >= 1, got {text}")
+    return values[0] if len(values) == 1 else values
 
 
 def float_in(low, strict=False):
@@ -123,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     d = DEFAULTS
     g = p.add_argument_group("model and inference")
     g.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help=f"a preset of the settings below (default {DEFAULT_RECIPE} when --model is not "
+        "given): shu = Shu's GMVAE as in his code, dilokthanakul = the paper's gmvae_w script, "
+        "vade = VaDE (autoencoder + GMM initialisation), vade-umap = VaDE initialised on a UMAP "
+        "embedding of the codes (N2D); flags given beside it override its values",
+    )
+    g.add_argument(
         "--model",
         choices=sorted(MODELS),
         help=f"generative model (default {d.model}: Shu's GMVAE, the best clusterer; "
@@ -149,8 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--hidden",
-        type=int_at_least(1),
-        help="hidden width (default: the model's, 512 for Shu's models, 1000 for gmvae_w)",
+        type=widths,
+        help="hidden width, or comma-separated widths per layer such as 500,500,2000 "
+        "(default: the model's, 512,512 for Shu's models, 1000 for gmvae_w)",
+    )
+    g.add_argument(
+        "--learn-weights",
+        action=argparse.BooleanOptionalAction,
+        help="gmvae: learn the mixture weights p(y) (VaDE) instead of keeping them uniform",
+    )
+    g.add_argument(
+        "--init",
+        choices=INIT_METHODS,
+        help="initialisation stage after autoencoder pretraining (gmvae): gmm = a "
+        "GaussianMixture on the codes sets p(z|y); umap = on a UMAP embedding of the codes",
+    )
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        help="pretrain the autoencoder on randomly rotated (±10°) and shifted (±10 %%) images",
+    )
+    g.add_argument(
+        "--pretrain-epochs",
+        type=int_at_least(0),
+        help="epochs of autoencoder pretraining before the mixture VAE (gmvae)",
     )
     g.add_argument(
         "--latent-dim",
@@ -179,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr",
         type=float_in(0, strict=True),
         help=f"learning rate (default {d.lr:g}; 1e-4 for gmvae_w)",
+    )
+    g.add_argument(
+        "--lr-decay",
+        type=float_in(0, strict=True),
+        help=f"multiply the learning rate by this every epoch (default {d.lr_decay:g})",
     )
     g.add_argument(
         "--optimizer", choices=sorted(OPTIMIZERS), help=f"optimiser (default {d.optimizer})"
@@ -291,7 +339,11 @@ def make_config(args, parser) -> RunConfig:
     --resume, given flags over the saved run's settings."""
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    base = {k: given.get(k, getattr(DEFAULTS, k)) for k in ("model", "dataset", "k", "seed")}
+    if not args.resume and "recipe" not in given and "model" not in given:
+        given["recipe"] = DEFAULT_RECIPE
+    recipe = RECIPES.get(given.get("recipe"), {})
+    base = {k: given.get(k, recipe.get(k, getattr(DEFAULTS, k)))
+            for k in ("model", "dataset", "k", "seed")}  # fmt: skip
     out = Path(given.get("out") or default_out(base))
     given["out"] = str(out)
     if args.resume:
@@ -311,7 +363,8 @@ def make_config(args, parser) -> RunConfig:
     if (out / CHECKPOINT).exists():
         parser.error(f"argument --out: {out} already holds a run; pass --resume to continue it, "
                      "or another --out")  # fmt: skip
-    values = {**MODEL_DEFAULTS.get(base["model"], {}), **DATASET_DEFAULTS.get(base["dataset"], {})}
+    values = recipe or MODEL_DEFAULTS.get(base["model"], {})
+    values = {**values, **DATASET_DEFAULTS.get(base["dataset"], {})}
     return RunConfig(**{**values, **given})
 
 
@@ -425,7 +478,9 @@ def main(argv=None) -> dict:
     cfg = make_config(args, parser)
     device, test = check_config(cfg, parser, download=args.download)
     try:
-        summary = run(cfg, resume=args.resume)
+        recipe = f"recipe {cfg.recipe}" if cfg.recipe else f"model {cfg.model}"
+        summary = run(cfg, resume=args.resume,
+                      log=lambda line: print(f"{recipe} on {line}", flush=True))  # fmt: skip
     except DatasetNotFoundError as err:  # e.g. a training split missing beside the test split
         parser.error(f"argument --data-dir: {data_message(err)}")
     except NonFiniteLossError as err:

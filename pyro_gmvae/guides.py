@@ -378,7 +378,7 @@ class VaDEGuide(nn.Module):
     def __init__(self, model, hidden=None, min_var=None):
         super().__init__()
         hidden = tuple(model.hidden if hidden is None else hidden)
-        self.cluster_site = model.cluster_site
+        self.cluster_site, self.k = model.cluster_site, model.k
         # A plain reference: the prior's parameters belong to the model, not to this guide.
         self.__dict__["model"] = model
         self.encoder = mlp([model.data_dim, *hidden])
@@ -387,8 +387,9 @@ class VaDEGuide(nn.Module):
         )
         xavier_init(self)
 
-    def z_dist(self, x):
-        """q(z|x), batch shape (B,), event (z_dim,)."""
+    def z_dist(self, x, y=None):
+        """q(z|x), batch shape (B,), event (z_dim,). ``y`` is ignored: z does not depend on it
+        (accepted so that code written for q(z|x,y) guides works unchanged)."""
         return dist.Normal(*self.z_head(self.encoder(x))).to_event(1)
 
     def encode(self, x):

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.mixture import GaussianMixture
 
 from .nets import observation_dist
@@ -45,13 +46,44 @@ def _minibatches(n, batch_size, generator):
         yield order[i : i + batch_size]
 
 
+def random_affine(x, image_shape, generator, max_degrees=10.0, max_shift=0.1):
+    """Each image of x (B, C·H·W) rotated by up to ``max_degrees`` and shifted by up to
+    ``max_shift`` of its width and height, at random (bilinear; zero outside the image).
+
+    The augmentation of DEC-DA (Guo et al. 2018), whose autoencoders trained on such images give
+    codes that cluster by digit rather than by pose.
+    """
+    n = x.shape[0]
+    u = torch.rand(n, 3, generator=generator).to(x) * 2 - 1
+    angle = u[:, 0] * math.radians(max_degrees)
+    cos, sin = angle.cos(), angle.sin()
+    # affine_grid's coordinates run over [-1, 1]: a shift of s widths is 2s there.
+    theta = torch.stack(
+        [torch.stack([cos, -sin, 2 * max_shift * u[:, 1]], -1),
+         torch.stack([sin, cos, 2 * max_shift * u[:, 2]], -1)], 1,
+    )  # fmt: skip
+    images = x.reshape(n, *image_shape)
+    grid = F.affine_grid(theta, images.shape, align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False).reshape(n, -1)
+
+
+def autoencoder_loss(model, guide, x, target=None, target_weight=1.0) -> torch.Tensor:
+    """−log p(x | z = encode(x)) [+ target_weight · ‖encode(x) − target‖²], summed over rows."""
+    code = guide.encode(x)
+    loss = -observation_dist(model.decoder(code), model.likelihood).log_prob(x).sum()
+    if target is not None:
+        loss = loss + target_weight * (code - target).pow(2).sum()
+    return loss
+
+
 def pretrain_autoencoder(model, guide, x, epochs, batch_size=256, lr=1e-3, seed=0, target=None,
-                         target_weight=1.0) -> list[float]:  # fmt: skip
+                         target_weight=1.0, image_shape=None) -> list[float]:  # fmt: skip
     r"""Train ``guide.encode`` and ``model.decoder`` as an autoencoder; returns the epoch losses.
 
     The loss per point is :math:`-\log p(x \mid z = \mathrm{encode}(x))` under the model's
     likelihood (Bernoulli cross-entropy on grey levels in [0, 1], or the Gaussian), plus
     ``target_weight`` · ‖encode(x) − target‖² when a target embedding (N, z_dim) is given.
+    With ``image_shape`` (C, H, W) every batch is augmented by :func:`random_affine` first.
     Batches are drawn from a CPU generator seeded with ``seed``, so the result is reproducible.
     """
     if epochs <= 0:
@@ -66,15 +98,18 @@ def pretrain_autoencoder(model, guide, x, epochs, batch_size=256, lr=1e-3, seed=
         for idx in _minibatches(x.shape[0], batch_size, generator):
             idx = idx.to(x.device)
             xb = x[idx]
-            code = guide.encode(xb)
-            loss = -observation_dist(model.decoder(code), model.likelihood).log_prob(xb).sum()
-            if target is not None:
-                loss = loss + target_weight * (code - target[idx]).pow(2).sum()
+            if image_shape is not None:
+                xb = random_affine(xb, image_shape, generator)
+            loss = autoencoder_loss(
+                model, guide, xb, None if target is None else target[idx], target_weight
+            )
             optimizer.zero_grad(set_to_none=True)
             (loss / xb.shape[0]).backward()
             optimizer.step()
             total += loss.detach()
         losses.append(total.item() / x.shape[0])
+        # No stale gradient may reach the first SVI step, which accumulates into .grad.
+        optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(
                 f"autoencoder pretraining diverged (loss {losses[-1]}); try a lower learning rate"
@@ -128,10 +163,12 @@ def fit_cluster_encoder(guide, x, responsibilities, epochs=2, batch_size=256, lr
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def initialise(model, guide, x, method="gmm", pretrain_epochs=10, batch_size=256, lr=1e-3,
-               n_init=5, seed=0, umap_neighbors=20, embed_epochs=5, encoder_epochs=2) -> dict:  # fmt: skip
+               n_init=5, seed=0, umap_neighbors=20, embed_epochs=5, encoder_epochs=2,
+               augment_shape=None) -> dict:  # fmt: skip
     """The initialisation stage on training data x (N, D); returns a report of what it did.
 
     Pretrains the autoencoder (``pretrain_epochs``), then, by ``method`` (see the module doc),
@@ -152,7 +189,7 @@ def initialise(model, guide, x, method="gmm", pretrain_epochs=10, batch_size=256
     report = {"init": method, "pretrain_epochs": pretrain_epochs}
     torch.manual_seed(seed)
     report["pretrain_loss"] = pretrain_autoencoder(model, guide, x, pretrain_epochs, batch_size,
-                                                   lr, seed)  # fmt: skip
+                                                   lr, seed, image_shape=augment_shape)  # fmt: skip
     if method == "none":
         report["init_s"] = time.perf_counter() - t0
         return report

@@ -57,7 +57,9 @@ def plot_curves(rows, k, path, title=None):
     ent.set(xlabel="epoch", ylabel="nats", ylim=(0, 1.05 * math.log(k)))
     ent.set_title("conditional entropy of the cluster posterior")
     ent.legend(loc="best", fontsize=8)
-    loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label="train objective / point")
+    # Epoch 0 (the initialisation stage, if any) has no training loss yet.
+    train = [math.nan if r["train_loss"] is None else r["train_loss"] for r in rows]
+    loss.plot(epochs, train, "o-", ms=3, label="train objective / point")
     loss.plot(epochs, [-r["test_elbo"] for r in rows], "o-", ms=3, label="−test ELBO / point")
     loss.set(xlabel="epoch", ylabel="nats", title="variational loss")
     loss.legend(loc="best", fontsize=8)

@@ -27,12 +27,30 @@ from .data import binarize_fixed, iterate_minibatches, load_dataset, make_arcs
 from .estimators import ESTIMATORS
 from .evaluate import evaluate, iw_log_likelihood
 from .guides import GUIDE_FITS, GUIDES, make_guide
+from .init import INIT_METHODS, initialise
 from .nets import set_validation
 from .train import OPTIMIZERS, Trainer, kl_weight_schedule, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "svhn", "arcs")
 BINARIZE = ("dynamic", "none")
 CHECKPOINT = "checkpoint.pt"
+
+# Named presets of RunConfig settings; a flag given beside --recipe overrides its value.
+RECIPES = {
+    # Shu's "real" GMVAE exactly as in his code: q(y|x) q(z|x,y), z of 64, Adam 1e-3, batch 100.
+    "shu": {"model": "gmvae", "guide": "mean_field"},
+    # Dilokthanakul et al.'s MNIST script: Adam 1e-4, batch 50, the z-prior gate λ = 0.5.
+    "dilokthanakul": {"model": "gmvae_w", "lr": 1e-4, "batch_size": 50, "free_bits": 0.5},
+    # VaDE (Jiang et al. 2017): z of 10, q(y|x,z) = p(y|z), p(y) learnt, the autoencoder
+    # pretrained and a GaussianMixture on its codes initialising the prior.
+    "vade": {"model": "gmvae", "guide": "vade", "latent_dim": 10, "learn_weights": True,
+             "init": "gmm", "pretrain_epochs": 10, "epochs": 20},  # fmt: skip
+    # The default: VaDE initialised N2D's way (the mixture fitted on a UMAP embedding of the codes,
+    # which the encoder is then fitted to). See docs/results.md for what each recipe measures.
+    "vade-umap": {"model": "gmvae", "guide": "vade", "latent_dim": 10, "learn_weights": True,
+                  "init": "umap", "pretrain_epochs": 10, "epochs": 20},  # fmt: skip
+}
+DEFAULT_RECIPE = "vade-umap"
 # Settings that may change on resume without changing what the run computes.
 RESUMABLE_CHANGES = ("epochs", "device", "progress", "data_dir", "out")
 
@@ -55,7 +73,7 @@ class RunConfig:
     kl_warmup_epochs: int = 0  # β ramps linearly over these epochs
     mc_samples: int = 1  # M
     arch: str = "mlp"
-    hidden: int | None = None  # hidden width (None: the model's default)
+    hidden: int | list[int] | None = None  # hidden width, or widths per layer (None: default)
     latent_dim: int | None = None  # z (Shu's models) or x (gmvae_w); None: default
     w_dim: int | None = None  # gmvae_w only
     likelihood: str | None = None  # None: bernoulli for binarised data, else gaussian
@@ -72,6 +90,13 @@ class RunConfig:
     eval_batch_size: int = 1000
     iw_samples: int = 0  # S for the final importance-weighted bound (0: skip)
     on_nan: str = "raise"
+    lr_decay: float = 1.0  # the learning rate is lr * lr_decay ** epoch
+    learn_weights: bool = False  # gmvae: mixture weights p(y) learnt (VaDE), else uniform
+    # The initialisation stage (pyro_gmvae.init): autoencoder pretraining, then "gmm" or "umap".
+    init: str = "none"
+    pretrain_epochs: int = 0
+    augment: bool = False  # pretrain on randomly rotated and shifted images (DEC-DA)
+    recipe: str | None = None  # the preset of RECIPES these settings started from (provenance)
     out: str = "runs/latest"
     progress: bool = True
 
@@ -112,7 +137,14 @@ class RunConfig:
             minimum = 2 if name == "k" else 1
             if not isinstance(value, int) or value < minimum:
                 bad(name, f"must be an integer >= {minimum}, got {value!r}")
-        for name in ("limit", "test_limit", "hidden", "latent_dim", "w_dim"):
+        hidden = self.hidden if isinstance(self.hidden, list) else [self.hidden]
+        if self.hidden is not None and (
+            not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden)
+        ):
+            bad("hidden", f"must be a positive integer or a list of them, got {self.hidden!r}")
+        if isinstance(self.hidden, list) and self.model == "gmvae_w":
+            bad("hidden", "gmvae_w takes one hidden width")
+        for name in ("limit", "test_limit", "latent_dim", "w_dim"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, f"must be a positive integer, got {value!r}")
@@ -148,6 +180,23 @@ class RunConfig:
             bad("clip_norm", f"must be > 0 or None, got {self.clip_norm}")
         if self.on_nan not in ("raise", "rollback"):
             bad("on_nan", f"choose 'raise' or 'rollback', got {self.on_nan!r}")
+        if not 0 < self.lr_decay <= 1:
+            bad("lr_decay", f"must be in (0, 1], got {self.lr_decay}")
+        if self.learn_weights and self.model != "gmvae":
+            bad("learn_weights", "only gmvae has a learnable mixture prior")
+        if self.init not in INIT_METHODS:
+            bad("init", f"choose one of {INIT_METHODS}, got {self.init!r}")
+        if self.init != "none" and self.model != "gmvae":
+            bad("init", "the initialisation fits a Gaussian mixture prior p(z|y): use --model gmvae")
+        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
+            bad("pretrain_epochs", f"must be an integer >= 0, got {self.pretrain_epochs!r}")
+        if (self.init != "none" or self.pretrain_epochs) and self.model != "gmvae":
+            bad("pretrain_epochs", "autoencoder pretraining is for --model gmvae")
+        if self.augment and (self.dataset == "arcs" or not self.pretrain_epochs):
+            bad("augment", "augments the images of autoencoder pretraining: needs an image "
+                "dataset and pretrain_epochs > 0")  # fmt: skip
+        if self.recipe is not None and self.recipe not in RECIPES:
+            bad("recipe", f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
         return self
 
     def likelihood_name(self) -> str:
@@ -203,7 +252,11 @@ def build_model(cfg: RunConfig, data_dim: int, image_shape=None):
         if cfg.latent_dim:
             kwargs["z_dim"] = cfg.latent_dim
         if cfg.hidden:
-            kwargs["hidden"] = (cfg.hidden, cfg.hidden)
+            kwargs["hidden"] = (
+                tuple(cfg.hidden) if isinstance(cfg.hidden, list) else (cfg.hidden, cfg.hidden)
+            )
+        if cfg.learn_weights:
+            kwargs["learn_weights"] = True
     model = make_model(cfg.model, **kwargs)
     return model, make_guide(cfg.guide, model)
 
@@ -268,8 +321,12 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train and evaluate as ``cfg`` says; returns the final summary (also in summary.json)."""
+def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
+    """Train and evaluate as ``cfg`` says; returns the final summary (also in summary.json).
+
+    ``log``: a callable given one line of text before training starts (device, threads and the
+    estimated duration), e.g. ``print``; None says nothing.
+    """
     cfg.validate()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -293,6 +350,8 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
         kl_weight=kl_weight_schedule(0, cfg.kl_weight, cfg.kl_warmup_epochs), free_bits=cfg.free_bits,
         num_particles=cfg.mc_samples, device=device, seed=cfg.seed, on_nan=cfg.on_nan,
     )  # fmt: skip
+    if log is not None:
+        log(describe_plan(cfg, trainer, train, done_epochs=start["epoch"] if start else 0))
     batches = torch.Generator(device=device)
     batches.manual_seed(cfg.seed)
     epoch, elapsed = 0, 0.0
@@ -302,6 +361,19 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
             out / "config.json",
         )
         (out / "metrics.jsonl").write_text("")
+        if cfg.init != "none" or cfg.pretrain_epochs:
+            t_init = time.perf_counter()
+            report = initialise(model, guide, train.x, cfg.init, cfg.pretrain_epochs, seed=cfg.seed,
+                                augment_shape=train.image_shape if cfg.augment else None)  # fmt: skip
+            # The initialised model is evaluated as epoch 0 and checkpointed, so a resume
+            # continues after the stage instead of repeating it.
+            elapsed = time.perf_counter() - t_init
+            row = _evaluate(cfg, trainer, test, 0, None, elapsed)
+            row.update(init_s=report["init_s"], gmm_log_likelihood=report.get("gmm_log_likelihood"))
+            with (out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            # Adam's moments start afresh for the changed parameters (none were stepped yet).
+            _save_checkpoint(out, trainer, batches, 0, elapsed, cfg)
     else:
         trainer.load_state_dict(start["trainer"])
         try:
@@ -340,6 +412,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                    initial=epoch, total=cfg.epochs, disable=not cfg.progress)  # fmt: skip
         for epoch in bar:
             trainer.set_kl_weight(kl_weight_schedule(epoch, cfg.kl_weight, cfg.kl_warmup_epochs))
+            trainer.set_lr(cfg.lr * cfg.lr_decay**epoch)
             if hasattr(trainer.guide, "set_epoch"):
                 trainer.guide.set_epoch(epoch)
             loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
@@ -366,11 +439,7 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                 )
                 with (out / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(last) + "\n")
-                atomic_save(
-                    {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": done,
-                     "elapsed": time.perf_counter() - t0, "config": cfg.to_dict()},
-                    out / CHECKPOINT,
-                )  # fmt: skip
+                _save_checkpoint(out, trainer, batches, done, time.perf_counter() - t0, cfg)
                 bar.set_postfix(
                     loss=f"{last['train_loss']:.2f}", acc=f"{last['acc_hungarian']:.3f}"
                 )
@@ -387,6 +456,66 @@ def run(cfg: RunConfig, resume: bool = False) -> dict:
                    model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset)  # fmt: skip
     write_json(summary, out / "summary.json")
     return summary
+
+
+# Seconds per training point of UMAP on 10-d codes, measured on the 2-core CPU of
+# benchmarks/README.md (55k MNIST codes: 222 s, one thread, the other core busy).
+UMAP_S_PER_POINT = 4e-3
+
+
+def describe_plan(cfg: RunConfig, trainer, train, done_epochs=0) -> str:
+    """One line: the device and threads, and how long the run should take on them.
+
+    The estimate times two SVI steps (and two pretraining batches) on this machine without
+    changing any state: parameters, gradients, estimator state and RNG streams are restored.
+    """
+    from .init import autoencoder_loss  # the pretraining loss, timed as it will run
+
+    x = train.x[: cfg.batch_size]
+    xb = torch.bernoulli(x) if cfg.binarize == "dynamic" else x
+    state = trainer.estimator.state_dict()
+    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+        step_s = _time(lambda: trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, xb))
+        pre_s = 0.0
+        if cfg.pretrain_epochs and hasattr(trainer.guide, "encode"):
+            pre_s = _time(lambda: autoencoder_loss(trainer.model, trainer.guide, x).backward())
+    trainer.estimator.load_state_dict(state)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    steps = len(train) // cfg.batch_size
+    stages = []
+    if done_epochs == 0 and cfg.pretrain_epochs:
+        # Pretraining batches are 256 points, and its AE loss is timed on batch_size points.
+        stages.append(("pretraining", cfg.pretrain_epochs * len(train) / cfg.batch_size * pre_s))
+    if done_epochs == 0 and cfg.init == "umap":
+        stages.append(("UMAP", UMAP_S_PER_POINT * len(train)))
+    epochs = cfg.epochs - done_epochs
+    stages.append((f"{epochs} epochs", epochs * steps * step_s))
+    total = sum(s for _, s in stages)
+    parts = ", ".join(f"{name} {_minutes(s)}" for name, s in stages)
+    return (
+        f"{trainer.device} with {torch.get_num_threads()} threads: about {_minutes(total)} "
+        f"({parts}; evaluations extra)"
+    )
+
+
+def _time(fn, repeats=2) -> float:
+    fn()  # warm-up (lazy initialisation, allocator)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def _save_checkpoint(out: Path, trainer, batches, epoch: int, elapsed: float, cfg: RunConfig):
+    atomic_save(
+        {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": epoch,
+         "elapsed": elapsed, "config": cfg.to_dict()},
+        out / CHECKPOINT,
+    )  # fmt: skip
 
 
 def _check_training_data(train, test, cfg: RunConfig) -> None:

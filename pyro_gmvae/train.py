@@ -174,6 +174,13 @@ class Trainer:
             self.model.cluster_log_prior, kl_weight=kl_weight, free_bits=self.free_bits,
         )  # fmt: skip
 
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate (e.g. once per epoch for a decay schedule)."""
+        if not lr > 0:
+            raise ValueError(f"the learning rate must be > 0, got {lr}")
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     def loss(self, x) -> torch.Tensor:
         """The training objective on a batch, summed over its points, without gradients."""
         # Not under no_grad: TraceEnum_ELBO's differentiable_loss refuses a loss without a graph.
