@@ -180,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="gmvae: learn the mixture weights p(y) (VaDE) instead of keeping them uniform",
     )
     g.add_argument(
+        "--covariance",
+        choices=("diag", "full"),
+        help="gmvae: covariance of each prior component p(z|y) (default diag, Shu's)",
+    )
+    g.add_argument(
         "--init",
         choices=INIT_METHODS,
         help="initialisation stage after autoencoder pretraining (gmvae): gmm = a "

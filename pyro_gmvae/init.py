@@ -4,19 +4,23 @@ A mixture VAE trained from random weights settles on whatever clusters its first
 suggest; on MNIST that is 55-65 % accuracy. VaDE (Jiang et al. 2017) and DEC (Xie et al. 2016)
 start instead from an autoencoder: pretrain the encoder mean and the decoder on reconstruction,
 fit a Gaussian mixture to the codes, and set the prior p(z|y) (means, variances; weights when
-learnable) to that mixture. N2D (McConville et al. 2020) showed that the codes' clusters are
-found far better on a manifold-learning embedding of them (UMAP) than by a mixture on the codes
-directly. ``method="umap"`` uses that embedding as the latent space itself: after pretraining,
-the encoder mean is fitted to the (standardised) UMAP embedding of its own codes while the
-decoder keeps reconstructing, so that the GMVAE's z *is* a space in which the clusters are
-compact, and the mixture is fitted there. No labels are used anywhere.
+learnable) to that mixture. N2D (McConville et al. 2020) showed that clusters are found far
+better on a manifold-learning embedding (UMAP) than by a mixture fitted directly. ``method="umap"``
+makes that embedding the latent space itself: the data are embedded by UMAP into ``z_dim``
+dimensions, and the autoencoder is pretrained with its encoder mean pulled onto the
+(standardised) embedding while the decoder learns to reconstruct from it, so the GMVAE's z *is*
+a space in which the clusters are compact; the mixture is fitted there (with full covariances
+when the model has them: the embedded clusters are elongated and tilted). N2D embeds an
+autoencoder's codes; on MNIST the pixels themselves served better at our budget
+(docs/results.md). No labels are used anywhere.
 
 =========  ======================================================================================
-method     what is done after ``pretrain_epochs`` of autoencoder training
+method     the stage
 =========  ======================================================================================
-``none``   nothing (the sources' recipes)
-``gmm``    a diagonal ``GaussianMixture`` on the codes sets p(z|y) (VaDE)
-``umap``   codes → UMAP (``z_dim`` components) → the encoder fitted to it → ``GaussianMixture``
+``none``   ``pretrain_epochs`` of autoencoder training, or nothing (the sources' recipes)
+``gmm``    autoencoder pretraining; a ``GaussianMixture`` on the codes sets p(z|y) (VaDE)
+``umap``   data → UMAP (``z_dim`` components); pretraining with the encoder fitted to it; then
+           a ``GaussianMixture`` on the codes sets p(z|y)
 =========  ======================================================================================
 
 Guides with their own cluster encoder q(y|x) (Shu's ``mean_field`` and its flows) get it fitted
@@ -128,26 +132,29 @@ def encode_all(guide, x, batch_size=1000) -> torch.Tensor:
         guide.train(was_training)
 
 
-def fit_mixture(codes, k, n_init=5, seed=0, min_var=1e-4) -> GaussianMixture:
-    """A diagonal ``GaussianMixture`` on the codes (scikit-learn; k-means initialisation)."""
+def fit_mixture(codes, k, covariance="diag", n_init=5, seed=0, min_var=1e-4) -> GaussianMixture:
+    """A ``GaussianMixture`` on the codes (scikit-learn; k-means initialisation), with diagonal
+    or full covariances; of ``n_init`` fits the one of highest likelihood is kept."""
     codes = np.asarray(codes, dtype=np.float64)
-    # reg_covar keeps every variance above the prior's floor, so set_mixture can represent it.
+    # reg_covar bounds every eigenvalue, hence every conditional variance, away from the prior's
+    # floor, so that set_mixture can represent the fit.
     return GaussianMixture(
-        k, covariance_type="diag", n_init=n_init, random_state=seed, reg_covar=max(1e-6, 2 * min_var)
-    ).fit(codes)
+        k, covariance_type=covariance, n_init=n_init, random_state=seed,
+        reg_covar=max(1e-6, 2 * min_var),
+    ).fit(codes)  # fmt: skip
 
 
-def umap_embedding(codes, n_components, n_neighbors=20, seed=0) -> np.ndarray:
-    """N2D's embedding of the codes: UMAP with ``min_dist=0`` (clusters packed tight), standardised.
+def umap_embedding(data, n_components, n_neighbors=30, seed=0) -> np.ndarray:
+    """N2D's embedding: UMAP with ``min_dist=0`` (clusters packed tight), standardised per dim.
 
     ``random_state`` makes UMAP deterministic (and single-threaded).
     """
     import umap  # imported here: numba compiles on first import, which costs seconds
 
-    n_neighbors = min(n_neighbors, len(codes) - 1)
+    n_neighbors = min(n_neighbors, len(data) - 1)
     emb = umap.UMAP(
         n_neighbors=n_neighbors, min_dist=0.0, n_components=n_components, random_state=seed
-    ).fit_transform(np.asarray(codes, dtype=np.float32))
+    ).fit_transform(np.asarray(data, dtype=np.float32))
     return (emb - emb.mean(0)) / emb.std(0)
 
 
@@ -167,11 +174,12 @@ def fit_cluster_encoder(guide, x, responsibilities, epochs=2, batch_size=256, lr
 
 
 def initialise(model, guide, x, method="gmm", pretrain_epochs=10, batch_size=256, lr=1e-3,
-               n_init=5, seed=0, umap_neighbors=20, embed_epochs=5, encoder_epochs=2,
+               n_init=10, seed=0, umap_neighbors=30, target_weight=10.0, encoder_epochs=2,
                augment_shape=None) -> dict:  # fmt: skip
     """The initialisation stage on training data x (N, D); returns a report of what it did.
 
-    Pretrains the autoencoder (``pretrain_epochs``), then, by ``method`` (see the module doc),
+    Pretrains the autoencoder (``pretrain_epochs``; for ``umap`` with the encoder fitted to the
+    embedding at the same time), then, by ``method`` (see the module doc),
     fits the mixture and writes it into the model's prior with ``model.set_mixture`` (weights
     too when ``model.learn_weights``), and fits a guide's own cluster encoder to the mixture's
     responsibilities. Everything is seeded from ``seed``.
@@ -188,19 +196,19 @@ def initialise(model, guide, x, method="gmm", pretrain_epochs=10, batch_size=256
     t0 = time.perf_counter()
     report = {"init": method, "pretrain_epochs": pretrain_epochs}
     torch.manual_seed(seed)
-    report["pretrain_loss"] = pretrain_autoencoder(model, guide, x, pretrain_epochs, batch_size,
-                                                   lr, seed, image_shape=augment_shape)  # fmt: skip
+    target = None
+    if method == "umap":
+        target = umap_embedding(x.cpu().numpy(), model.z_dim, umap_neighbors, seed)
+        target = torch.as_tensor(target, dtype=x.dtype, device=x.device)
+        report["umap_s"] = time.perf_counter() - t0
+    report["pretrain_loss"] = pretrain_autoencoder(
+        model, guide, x, pretrain_epochs, batch_size, lr, seed, target, target_weight, augment_shape
+    )
     if method == "none":
         report["init_s"] = time.perf_counter() - t0
         return report
     codes = encode_all(guide, x)
-    if method == "umap":
-        target = umap_embedding(codes.cpu().numpy(), codes.shape[1], umap_neighbors, seed)
-        target = torch.as_tensor(target, dtype=codes.dtype, device=x.device)
-        report["embed_loss"] = pretrain_autoencoder(model, guide, x, embed_epochs, batch_size, lr,
-                                                    seed + 1, target=target)  # fmt: skip
-        codes = encode_all(guide, x)
-    gmm = fit_mixture(codes.cpu().numpy(), model.k, n_init, seed, model.min_var)
+    gmm = fit_mixture(codes.cpu().numpy(), model.k, model.covariance, n_init, seed, model.min_var)
     model.set_mixture(gmm.means_, gmm.covariances_, gmm.weights_ if model.learn_weights else None)
     report["gmm_log_likelihood"] = float(gmm.score(codes.cpu().numpy()))
     if hasattr(guide, "cluster_logits") and hasattr(guide, "z_in"):

@@ -48,7 +48,7 @@ RECIPES = {
     # The default: VaDE initialised N2D's way (the mixture fitted on a UMAP embedding of the codes,
     # which the encoder is then fitted to). See docs/results.md for what each recipe measures.
     "vade-umap": {"model": "gmvae", "guide": "vade", "latent_dim": 10, "learn_weights": True,
-                  "init": "umap", "pretrain_epochs": 10, "epochs": 20},  # fmt: skip
+                  "covariance": "full", "init": "umap", "pretrain_epochs": 10, "epochs": 20},  # fmt: skip
 }
 DEFAULT_RECIPE = "vade-umap"
 # Settings that may change on resume without changing what the run computes.
@@ -92,6 +92,7 @@ class RunConfig:
     on_nan: str = "raise"
     lr_decay: float = 1.0  # the learning rate is lr * lr_decay ** epoch
     learn_weights: bool = False  # gmvae: mixture weights p(y) learnt (VaDE), else uniform
+    covariance: str = "diag"  # gmvae: "full" gives each component p(z|y) a full covariance
     # The initialisation stage (pyro_gmvae.init): autoencoder pretraining, then "gmm" or "umap".
     init: str = "none"
     pretrain_epochs: int = 0
@@ -182,6 +183,10 @@ class RunConfig:
             bad("on_nan", f"choose 'raise' or 'rollback', got {self.on_nan!r}")
         if not 0 < self.lr_decay <= 1:
             bad("lr_decay", f"must be in (0, 1], got {self.lr_decay}")
+        if self.covariance not in ("diag", "full"):
+            bad("covariance", f"choose 'diag' or 'full', got {self.covariance!r}")
+        if self.covariance != "diag" and self.model != "gmvae":
+            bad("covariance", "only gmvae has a Gaussian mixture prior p(z|y)")
         if self.learn_weights and self.model != "gmvae":
             bad("learn_weights", "only gmvae has a learnable mixture prior")
         if self.init not in INIT_METHODS:
@@ -255,8 +260,8 @@ def build_model(cfg: RunConfig, data_dim: int, image_shape=None):
             kwargs["hidden"] = (
                 tuple(cfg.hidden) if isinstance(cfg.hidden, list) else (cfg.hidden, cfg.hidden)
             )
-        if cfg.learn_weights:
-            kwargs["learn_weights"] = True
+        if cfg.model == "gmvae":
+            kwargs.update(learn_weights=cfg.learn_weights, covariance=cfg.covariance)
     model = make_model(cfg.model, **kwargs)
     return model, make_guide(cfg.guide, model)
 

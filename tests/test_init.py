@@ -26,34 +26,46 @@ from pyro_gmvae.metrics import cluster_acc_hungarian
 K, B = 3, 5
 
 
-def tiny_vade(learn_weights=True, seed=0):
+def tiny_vade(learn_weights=True, seed=0, covariance="diag"):
     torch.manual_seed(seed)
-    model = make_model("gmvae", data_dim=6, k=K, z_dim=2, hidden=(8, 8), learn_weights=learn_weights)
+    model = make_model("gmvae", data_dim=6, k=K, z_dim=2, hidden=(8, 8),
+                       learn_weights=learn_weights, covariance=covariance)  # fmt: skip
     with torch.no_grad():
         # Distinct, non-trivial components and weights, so a wrong formula shows.
         model.prior.loc.weight.normal_()
         model.prior.var.weight.normal_()
+        if covariance == "full":
+            model.prior_tril.normal_()
         if learn_weights:
             model.cluster_logits.copy_(torch.tensor([0.3, -0.5, 0.1]).log_softmax(-1))
     return model.double(), make_guide("vade", model).double()
 
 
+def hand_component(model, k):
+    """p(z | y = k) built by hand from the parameters: N(W_loc e_k, L_k L_kᵀ)."""
+    one_hot = torch.zeros(K, dtype=torch.float64)
+    one_hot[k] = 1.0
+    loc = model.prior.loc(one_hot)
+    std = (torch.nn.functional.softplus(model.prior.var(one_hot)) + model.min_var).sqrt()
+    if model.covariance == "diag":
+        return tdist.Independent(tdist.Normal(loc, std), 1)
+    lower = torch.diag(std) + torch.tril(model.prior_tril[k], -1)
+    return tdist.MultivariateNormal(loc, covariance_matrix=lower @ lower.T)
+
+
 def hand_posterior(model, z):
     """log p(k | z) for z (B, z_dim), by a loop over k."""
     log_pi = model.cluster_logits.log_softmax(-1)
-    cols = []
-    for k in range(K):
-        one_hot = torch.zeros(K, dtype=z.dtype)
-        one_hot[k] = 1.0
-        loc = model.prior.loc(one_hot)
-        var = torch.nn.functional.softplus(model.prior.var(one_hot)) + model.min_var
-        cols.append(log_pi[k] + tdist.Normal(loc, var.sqrt()).log_prob(z).sum(-1))
-    joint = torch.stack(cols, -1)
+    joint = torch.stack([log_pi[k] + hand_component(model, k).log_prob(z) for k in range(K)], -1)
     return joint - joint.logsumexp(-1, keepdim=True)
 
 
-def test_vade_cluster_posterior_is_bayes_rule(binary_batch):
-    model, guide = tiny_vade()
+COVARIANCES = ["diag", "full"]
+
+
+@pytest.mark.parametrize("covariance", COVARIANCES)
+def test_vade_cluster_posterior_is_bayes_rule(binary_batch, covariance):
+    model, guide = tiny_vade(covariance=covariance)
     z = torch.randn(B, 2, dtype=torch.float64)
     torch.testing.assert_close(model.cluster_log_posterior(z), hand_posterior(model, z))
     # cluster_probs: the posterior at the mean of q(z|x)
@@ -62,9 +74,10 @@ def test_vade_cluster_posterior_is_bayes_rule(binary_batch):
     )
 
 
+@pytest.mark.parametrize("covariance", COVARIANCES)
 @pytest.mark.parametrize("learn_weights", [False, True])
-def test_vade_elbo_and_gradients_equal_explicit_sum(binary_batch, learn_weights):
-    model, guide = tiny_vade(learn_weights)
+def test_vade_elbo_and_gradients_equal_explicit_sum(binary_batch, learn_weights, covariance):
+    model, guide = tiny_vade(learn_weights, covariance=covariance)
     x = binary_batch
     params = list(model.parameters()) + list(guide.parameters())
     pyro.set_rng_seed(4)
@@ -80,10 +93,7 @@ def test_vade_elbo_and_gradients_equal_explicit_sum(binary_batch, learn_weights)
     log_p_x = tdist.Bernoulli(logits=model.decoder(z)).log_prob(x).sum(-1)
     hand = 0.0
     for k in range(K):
-        one_hot = torch.zeros(K, dtype=z.dtype)
-        one_hot[k] = 1.0
-        var = torch.nn.functional.softplus(model.prior.var(one_hot)) + model.min_var
-        log_p_z = tdist.Normal(model.prior.loc(one_hot), var.sqrt()).log_prob(z).sum(-1)
+        log_p_z = hand_component(model, k).log_prob(z)
         term = log_p_x + log_p_z + log_pi[k] - log_q_y[:, k] - log_q_z
         hand = hand - (log_q_y[:, k].exp() * term).sum()
     torch.testing.assert_close(loss, hand)
@@ -99,9 +109,32 @@ def test_vade_elbo_and_gradients_equal_explicit_sum(binary_batch, learn_weights)
 
 
 def _mixture_log_density(model, z):
-    loc, scale = model.components()
-    comp = tdist.Normal(loc, scale).log_prob(z.unsqueeze(-2)).sum(-1)
+    """log Σ_k p(k) N(z; μ_k, Σ_k), from the hand-built components."""
+    comp = torch.stack([hand_component(model, k).log_prob(z) for k in range(K)], -1)
     return (model.cluster_logits.log_softmax(-1) + comp).logsumexp(-1)
+
+
+def test_shu_guide_with_full_covariance_prior_equals_explicit_sum(binary_batch):
+    """Shu's guide q(y|x) q(z|x,y) with the full-covariance prior: the loss is the sum over K."""
+    model, _ = tiny_vade(covariance="full")
+    guide = make_guide("mean_field", model).double()
+    x = binary_batch
+    pyro.set_rng_seed(5)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model.model, guide, x)
+    pyro.set_rng_seed(5)
+    z = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x).nodes["z"]["value"]
+    log_q_y = guide.cluster_logits(x).log_softmax(-1)
+    log_pi = model.cluster_logits.log_softmax(-1)
+    hand = 0.0
+    for k in range(K):
+        y = torch.zeros(B, K, dtype=torch.float64)
+        y[:, k] = 1.0
+        z_k = z[k]
+        log_q_z = guide.z_dist(x, y).log_prob(z_k)
+        log_p_x = tdist.Bernoulli(logits=model.decoder(z_k)).log_prob(x).sum(-1)
+        term = log_p_x + hand_component(model, k).log_prob(z_k) + log_pi[k] - log_q_y[:, k] - log_q_z
+        hand = hand - (log_q_y[:, k].exp() * term).sum()
+    torch.testing.assert_close(loss, hand)
 
 
 def test_vade_decoder_runs_once_per_point(binary_batch):
@@ -128,10 +161,24 @@ def test_set_mixture_sets_prior_exactly():
     means, variances = rng.normal(size=(K, 2)), rng.uniform(0.1, 2.0, size=(K, 2))
     weights = np.array([0.5, 0.3, 0.2])
     model.set_mixture(means, variances, weights)
-    loc, scale = model.components()
-    torch.testing.assert_close(loc, torch.tensor(means))
-    torch.testing.assert_close(scale**2, torch.tensor(variances))
+    torch.testing.assert_close(model.components().mean, torch.tensor(means))
+    torch.testing.assert_close(model.components().variance, torch.tensor(variances))
     torch.testing.assert_close(model.cluster_log_prior().exp(), torch.tensor(weights))
+
+
+def test_set_mixture_sets_full_covariances_exactly():
+    model, _ = tiny_vade(covariance="full")
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(K, 2, 2))
+    covariances = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(2)
+    means = rng.normal(size=(K, 2))
+    model.set_mixture(means, covariances)
+    torch.testing.assert_close(model.components().mean, torch.tensor(means))
+    torch.testing.assert_close(model.components().covariance_matrix, torch.tensor(covariances))
+    for k in range(K):  # and the density, against one built by hand from the parameters
+        z = torch.randn(4, 2, dtype=torch.float64)
+        expected = tdist.MultivariateNormal(torch.tensor(means[k]), torch.tensor(covariances[k]))
+        torch.testing.assert_close(hand_component(model, k).log_prob(z), expected.log_prob(z))
 
 
 def test_set_mixture_refuses_weights_without_learnable_prior():
@@ -166,9 +213,8 @@ def test_initialise_gmm_writes_the_fitted_mixture(guide_name):
     assert len(report["pretrain_loss"]) == 2
     codes = guide_codes(guide, x)
     gmm = fit_mixture(codes, K, n_init=5, seed=1, min_var=model.min_var)  # the same fit, again
-    loc, scale = model.components()
-    torch.testing.assert_close(loc, torch.tensor(gmm.means_))
-    torch.testing.assert_close(scale**2, torch.tensor(gmm.covariances_))
+    torch.testing.assert_close(model.components().mean, torch.tensor(gmm.means_))
+    torch.testing.assert_close(model.components().variance, torch.tensor(gmm.covariances_))
     torch.testing.assert_close(model.cluster_log_prior().exp(), torch.tensor(gmm.weights_))
     if guide_name == "mean_field":
         # q(z|x,y) starts as the pretrained encoder for every y; q(y|x) follows the mixture.
@@ -220,9 +266,9 @@ def test_initialise_umap_embeds_and_clusters():
     model = make_model("gmvae", data_dim=12, k=K, z_dim=2, hidden=(16,), learn_weights=True)
     guide = make_guide("vade", model)
     x, labels = mixture_data()
-    report = initialise(model, guide, x.float(), "umap", pretrain_epochs=3, batch_size=50,
-                        seed=0, umap_neighbors=10, embed_epochs=30)  # fmt: skip
-    assert len(report["embed_loss"]) == 30 and math.isfinite(report["gmm_log_likelihood"])
+    report = initialise(model, guide, x.float(), "umap", pretrain_epochs=30, batch_size=50,
+                        seed=0, umap_neighbors=10)  # fmt: skip
+    assert report["umap_s"] > 0 and math.isfinite(report["gmm_log_likelihood"])
     pred = guide.cluster_probs(x.float()).argmax(-1)
     assert cluster_acc_hungarian(labels, pred) > 0.9
 
