@@ -139,7 +139,9 @@ def main(argv=None):
     ) as pool:  # fmt: skip
         records = list(pool.map(train_one, configs))
     commit = git_commit()
-    command = "python benchmarks/quality.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/quality.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
+    )
     for r in records:
         r.update(commit=commit, command=command, hardware=hardware_line())
     mark_selected(records)

@@ -51,12 +51,16 @@ from pyro_gmvae.run import (
     DEFAULT_RECIPE,
     RECIPES,
     RESUMABLE_CHANGES,
+    CorruptCheckpointError,
     RunConfig,
+    RunInterrupted,
+    RunLockedError,
     build_model,
     load_config,
     load_data,
     load_run,
     run,
+    run_status,
 )
 from pyro_gmvae.train import (
     OPTIMIZERS,
@@ -96,7 +100,7 @@ def int_at_least(minimum):
 
 
 def widths(text):
-    """"512" -> 512; "500,500,2000" -> [500, 500, 2000]."""
+    """ "512" -> 512; "500,500,2000" -> [500, 500, 2000]."""
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
@@ -276,9 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="data root holding MNIST/raw etc. (default: $PYRO_GMVAE_DATA, else ./data)",
     )
     g.add_argument(
-        "--download",
-        action="store_true",
-        help="let torchvision download a missing dataset into the data root",
+        "--no-download",
+        dest="download",
+        action="store_false",
+        help="never download: a missing dataset is an error (by default torchvision downloads "
+        "a missing named dataset into the data root)",
     )
     g.add_argument(
         "--limit",
@@ -352,10 +358,13 @@ def make_config(args, parser) -> RunConfig:
     out = Path(given.get("out") or default_out(base))
     given["out"] = str(out)
     if args.resume:
-        if not (out / CHECKPOINT).exists():
-            parser.error(f"argument --resume: no checkpoint in {out} (pass the run's --out, "
+        if not (out / "config.json").exists() and not (out / CHECKPOINT).exists():
+            parser.error(f"argument --resume: no run in {out} (pass the run's --out, "
                          "or start it without --resume)")  # fmt: skip
-        saved = load_config(out)
+        try:
+            saved = load_config(out)
+        except CorruptCheckpointError as err:
+            parser.error(f"argument --resume: {err}")
         changed = sorted(
             k for k, v in given.items() if k not in RESUMABLE_CHANGES and getattr(saved, k) != v
         )
@@ -364,6 +373,10 @@ def make_config(args, parser) -> RunConfig:
             allowed = ", ".join(flag(k) for k in RESUMABLE_CHANGES)
             parser.error(f"argument --resume: a resumed run keeps its settings ({was}); "
                          f"only {allowed} may change")  # fmt: skip
+        done = done_epochs(out)
+        if given.get("epochs", saved.epochs) < done:
+            parser.error(f"argument --epochs: {given['epochs']} is fewer than the {done} epochs "
+                         f"the run in {out} has done")  # fmt: skip
         return dataclasses.replace(saved, **given)
     if (out / CHECKPOINT).exists():
         parser.error(f"argument --out: {out} already holds a run; pass --resume to continue it, "
@@ -373,7 +386,15 @@ def make_config(args, parser) -> RunConfig:
     return RunConfig(**{**values, **given})
 
 
-def check_config(cfg: RunConfig, parser, download=False):
+def done_epochs(out: Path) -> int:
+    """The epochs the run in ``out`` has checkpointed (0 if none, or unreadable: run() decides)."""
+    try:
+        return run_status(out)["epoch"]
+    except (FileNotFoundError, CorruptCheckpointError):
+        return 0
+
+
+def check_config(cfg: RunConfig, parser, download=True):
     """Every check that can fail before training, each as a one-line error naming the flag.
     Returns the device and the raw test split (None for arcs)."""
     try:
@@ -434,7 +455,7 @@ def data_message(err) -> str:
     text = " ".join(str(err).split())
     what = text.split(" Provide it")[0]
     return (f"{what} Point --data-dir or $PYRO_GMVAE_DATA at a folder that holds it, or pass "
-            "--download on a machine with internet access.")  # fmt: skip
+            "run without --no-download on a machine with internet access.")  # fmt: skip
 
 
 def evaluated_test_set(cfg: RunConfig, test, device):
@@ -490,9 +511,14 @@ def main(argv=None) -> dict:
         parser.error(f"argument --data-dir: {data_message(err)}")
     except NonFiniteLossError as err:
         sys.exit(f"{parser.prog}: training stopped: {err}")
-    except KeyboardInterrupt:
-        sys.exit(f"\ninterrupted; continue from the last evaluated epoch with: "
+    except (RunLockedError, CorruptCheckpointError) as err:
+        sys.exit(f"{parser.prog}: {err}")
+    except RunInterrupted:
+        sys.exit(f"\ninterrupted; the exact state is saved. Continue with: "
                  f"python {sys.argv[0]} --resume --out {cfg.out}")  # fmt: skip
+    except KeyboardInterrupt:
+        sys.exit(f"\ninterrupted; continue from the last checkpoint (or start over, if there is "
+                 f"none yet) with: python {sys.argv[0]} --resume --out {cfg.out}")  # fmt: skip
     from pyro_gmvae.plots import make_figures  # matplotlib and torchvision: only once needed
 
     model, guide = load_run(cfg.out, device=device)

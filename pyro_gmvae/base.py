@@ -7,7 +7,14 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nets import check_data, check_k, check_likelihood, is_integer, validation_enabled
+from .nets import (
+    check_data,
+    check_k,
+    check_likelihood,
+    is_integer,
+    prepare_data,
+    validation_enabled,
+)
 
 
 class MixtureVAE(nn.Module):
@@ -44,6 +51,10 @@ class MixtureVAE(nn.Module):
             dist.OneHotCategorical(logits=self.cluster_logits),
             infer={"enumerate": "parallel"},
         )
+
+    def prepare(self, x) -> torch.Tensor:
+        """``x`` converted for this model (see :func:`~pyro_gmvae.nets.prepare_data`)."""
+        return prepare_data(x, self.data_dim, self.cluster_logits)
 
     def check(self, x: torch.Tensor) -> None:
         check_data(x, self.data_dim, self.likelihood)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from pyro.infer import TraceEnum_ELBO
 
 from .metrics import clustering_report
+from .nets import prepare_data
 from .objectives import cluster_kl
 
 
@@ -35,14 +36,25 @@ class _EvalMode:
 
 @torch.no_grad()
 def cluster_probs(guide, x, batch_size=1000) -> torch.Tensor:
-    """The guide's cluster posterior for every row of x, shape (N, K), in eval mode."""
+    """The guide's cluster posterior for every row of x, shape (N, K), in eval mode.
+
+    ``x``: a tensor, NumPy array or images, converted as ``model.prepare`` does."""
+    x = _prepare(guide, x)
     with _EvalMode(guide):
         return torch.cat([guide.cluster_probs(b) for b in _batches(x, batch_size)])
+
+
+def _prepare(guide, x) -> torch.Tensor:
+    model = getattr(guide, "model", None)  # the guides of gmvae_w and VaDE keep one
+    if model is not None:
+        return model.prepare(x)
+    return prepare_data(x, guide.data_dim, next(guide.parameters()))
 
 
 @torch.no_grad()
 def elbo(model, guide, x, batch_size=1000, num_particles=1) -> float:
     """The plain ELBO (cluster summed exactly) in nats per data point, in eval mode."""
+    x = model.prepare(x)
     estimator = TraceEnum_ELBO(
         max_plate_nesting=1, num_particles=num_particles, vectorize_particles=num_particles > 1
     )
@@ -110,6 +122,7 @@ def mean_cluster_kl(model, probs) -> float:
 
 def evaluate(model, guide, x, labels, batch_size=1000, num_particles=1, iw_samples=0) -> dict:
     """Clustering metrics, test ELBO, cluster KL and (if ``iw_samples``) the IW bound on (x, labels)."""
+    x = model.prepare(x)
     probs = cluster_probs(guide, x, batch_size)
     report = clustering_report(labels.cpu().numpy(), probs.cpu().double().numpy())
     report["test_elbo"] = elbo(model, guide, x, batch_size, num_particles)

@@ -127,7 +127,9 @@ def encode_all(guide, x, batch_size=1000) -> torch.Tensor:
     was_training = guide.training
     guide.eval()
     try:
-        return torch.cat([guide.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [guide.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        )
     finally:
         guide.train(was_training)
 
@@ -215,8 +217,9 @@ def initialise(model, guide, x, method="gmm", pretrain_epochs=10, batch_size=256
         with torch.no_grad():
             # q(z|x,y) starts as the pretrained encoder for every y.
             guide.z_in.linear_b.weight.zero_()
-        resp = torch.as_tensor(gmm.predict_proba(codes.cpu().numpy()), dtype=x.dtype, device=x.device)
+        resp = torch.as_tensor(
+            gmm.predict_proba(codes.cpu().numpy()), dtype=x.dtype, device=x.device
+        )
         fit_cluster_encoder(guide, x, resp, encoder_epochs, batch_size, lr, seed + 2)
     report["init_s"] = time.perf_counter() - t0
     return report
-

@@ -54,6 +54,41 @@ def check_data(x: torch.Tensor, data_dim: int, likelihood: str) -> None:
         )
 
 
+def prepare_data(x, data_dim: int, like: torch.Tensor) -> torch.Tensor:
+    """Data as a model takes them: a float (N, data_dim) tensor with ``like``'s dtype and device.
+
+    Accepts torch tensors, NumPy arrays and anything ``numpy.asarray`` reads (pandas frames);
+    images (N, H, W), (N, C, H, W) or (N, H, W, C) are flattened; integer or bool data are
+    converted, uint8 grey levels 0-255 scaled to [0, 1]. One clear ``ValueError``/``TypeError``
+    for what cannot be used: an empty batch, the wrong number of features, NaN or infinite
+    values (checked while validation is on, as it costs a read-back), a tensor without data.
+    """
+    if not torch.is_tensor(x):
+        import numpy as np
+
+        try:
+            x = torch.from_numpy(np.array(x, copy=True))
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"expected an array of data, got {type(x).__name__} ({err})") from None
+    if x.is_meta:
+        raise ValueError("the data are on the meta device, which holds shapes but no values")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"the batch is empty (shape {tuple(x.shape)}); pass at least one row")
+    if x.dim() > 2:
+        x = x.reshape(x.shape[0], -1)  # images, in whatever channel order: the pixels in a row
+    if x.dim() != 2 or x.shape[1] != data_dim:
+        raise ValueError(
+            f"expected {data_dim} features per row, got data of shape {tuple(x.shape)}"
+        )
+    if not torch.is_floating_point(x):
+        scale = 255.0 if x.dtype == torch.uint8 and bool(x.max() > 1) else 1.0
+        x = x.to(like.dtype) / scale
+    x = x.to(device=like.device, dtype=like.dtype)
+    if _VALIDATE and not torch.isfinite(x).all():
+        raise ValueError("the data contain NaN or infinite values")
+    return x
+
+
 def is_integer(n) -> bool:
     """True for Python and NumPy integers (``np.prod(shape)`` gives the latter), not for bools."""
     return isinstance(n, numbers.Integral) and not isinstance(n, bool)

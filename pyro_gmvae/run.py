@@ -43,12 +43,27 @@ RECIPES = {
     "dilokthanakul": {"model": "gmvae_w", "lr": 1e-4, "batch_size": 50, "free_bits": 0.5},
     # VaDE (Jiang et al. 2017): z of 10, q(y|x,z) = p(y|z), p(y) learnt, the autoencoder
     # pretrained and a GaussianMixture on its codes initialising the prior.
-    "vade": {"model": "gmvae", "guide": "vade", "latent_dim": 10, "learn_weights": True,
-             "init": "gmm", "pretrain_epochs": 10, "epochs": 20},  # fmt: skip
+    "vade": {
+        "model": "gmvae",
+        "guide": "vade",
+        "latent_dim": 10,
+        "learn_weights": True,
+        "init": "gmm",
+        "pretrain_epochs": 10,
+        "epochs": 20,
+    },  # fmt: skip
     # The default: VaDE initialised N2D's way (the mixture fitted on a UMAP embedding of the codes,
     # which the encoder is then fitted to). See docs/results.md for what each recipe measures.
-    "vade-umap": {"model": "gmvae", "guide": "vade", "latent_dim": 10, "learn_weights": True,
-                  "covariance": "full", "init": "umap", "pretrain_epochs": 10, "epochs": 20},  # fmt: skip
+    "vade-umap": {
+        "model": "gmvae",
+        "guide": "vade",
+        "latent_dim": 10,
+        "learn_weights": True,
+        "covariance": "full",
+        "init": "umap",
+        "pretrain_epochs": 10,
+        "epochs": 20,
+    },  # fmt: skip
 }
 DEFAULT_RECIPE = "vade-umap"
 # Settings that may change on resume without changing what the run computes.
@@ -192,7 +207,9 @@ class RunConfig:
         if self.init not in INIT_METHODS:
             bad("init", f"choose one of {INIT_METHODS}, got {self.init!r}")
         if self.init != "none" and self.model != "gmvae":
-            bad("init", "the initialisation fits a Gaussian mixture prior p(z|y): use --model gmvae")
+            bad(
+                "init", "the initialisation fits a Gaussian mixture prior p(z|y): use --model gmvae"
+            )
         if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
             bad("pretrain_epochs", f"must be an integer >= 0, got {self.pretrain_epochs!r}")
         if (self.init != "none" or self.pretrain_epochs) and self.model != "gmvae":
@@ -296,8 +313,11 @@ def hardware(device) -> dict:
     return info
 
 
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same directory, then rename: a reader never sees half a file."""
+def atomic_save(obj, path: Path, previous: Path | None = None) -> None:
+    """Write to a temporary file in the same directory, then rename: a reader never sees half a file.
+
+    ``previous``: the file being replaced is first renamed to this path (kept, not lost).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
@@ -305,6 +325,12 @@ def atomic_save(obj, path: Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; a run's files are for colleagues too (load_run).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -326,24 +352,93 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM after checkpointing its exact state (``--resume``)."""
+
+    def __init__(self, out):
+        super().__init__(f"interrupted; the exact state is saved in {out}")
+        self.out = out
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing into the run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """Hold an OS lock on ``out/.lock`` while the run writes there; released on any exit, a
+    crash or kill included (the kernel drops the lock with the process)."""
+    import fcntl
+
+    path = out / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise RunLockedError(
+                f"{out} is in use by {holder}; wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {platform.node()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    """SIGINT and SIGTERM set a flag that the training loop reads after each step (it then
+    checkpoints and raises RunInterrupted); a second signal interrupts at once. Only in the main
+    thread (Python delivers signals there); elsewhere nothing changes."""
+    import signal
+    import threading
+
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
     """Train and evaluate as ``cfg`` says; returns the final summary (also in summary.json).
 
+    ``resume=True`` continues from the run directory's checkpoint (the exact state, mid-epoch
+    after an interrupt); a directory whose run stopped before its first checkpoint starts over.
     ``log``: a callable given one line of text before training starts (device, threads and the
     estimated duration), e.g. ``print``; None says nothing.
     """
     cfg.validate()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    start = None
-    if resume:
-        start = _load_checkpoint(out, cfg)
-    elif (out / CHECKPOINT).exists():
-        raise FileExistsError(
-            f"{out} already holds a run; pass resume=True (--resume) or another --out"
-        )
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        for stale in out.glob("*.tmp"):  # left by a kill between a write and its rename
+            stale.unlink()
+        start = None
+        if resume:
+            start = _load_checkpoint(out, cfg, log)
+        elif _checkpoints(out):
+            raise FileExistsError(
+                f"{out} already holds a run; pass resume=True (--resume) or another --out"
+            )
+        return _run(cfg, out, device, start, log)
 
+
+def _run(cfg, out, device, start, log):
     train, test = load_data(cfg, device)
     _check_training_data(train, test, cfg)
     # The networks' initial weights are drawn from the global RNG: seed it first, or two runs
@@ -359,12 +454,13 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
         log(describe_plan(cfg, trainer, train, done_epochs=start["epoch"] if start else 0))
     batches = torch.Generator(device=device)
     batches.manual_seed(cfg.seed)
-    epoch, elapsed = 0, 0.0
+    # Where in the data stream the run stands: whole epochs done, and within the next epoch the
+    # batches done, the generator state the epoch started from and the loss accumulated so far.
+    position = {"epoch": 0, "batch": 0, "epoch_start": None, "loss_sum": 0.0, "n": 0}
+    elapsed = 0.0
     if start is None:
-        write_json(
-            {**cfg.to_dict(), "versions": package_versions(), "hardware": hardware(device)},
-            out / "config.json",
-        )
+        write_json({**resolved_config(cfg, model, guide, device), "versions": package_versions(),
+                    "hardware": hardware(device)}, out / "config.json")  # fmt: skip
         (out / "metrics.jsonl").write_text("")
         if cfg.init != "none" or cfg.pretrain_epochs:
             t_init = time.perf_counter()
@@ -375,15 +471,15 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
             elapsed = time.perf_counter() - t_init
             row = _evaluate(cfg, trainer, test, 0, None, elapsed)
             row.update(init_s=report["init_s"], gmm_log_likelihood=report.get("gmm_log_likelihood"))
-            with (out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            # Adam's moments start afresh for the changed parameters (none were stepped yet).
-            _save_checkpoint(out, trainer, batches, 0, elapsed, cfg)
+            _append_row(out, row)
+            _save_checkpoint(out, trainer, batches, position, elapsed, cfg)
     else:
         trainer.load_state_dict(start["trainer"])
+        position.update(start.get("position", {"epoch": start["epoch"]}))
+        generator_state = position["epoch_start"] if position["batch"] else start["batches"]
         try:
             # Every generator, a CUDA one too, takes its state as a CPU ByteTensor.
-            batches.set_state(start["batches"].cpu())
+            batches.set_state(generator_state.cpu())
         except RuntimeError:
             # Saved on another device type ("device" may change on resume): CPU and CUDA
             # generators keep states of different kinds, so reseed, reproducibly.
@@ -392,8 +488,9 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
                 "this run will not match an uninterrupted one exactly",
                 stacklevel=2,
             )
-            batches.manual_seed(cfg.seed + start["epoch"])
-        epoch, elapsed = start["epoch"], start["elapsed"]
+            batches.manual_seed(cfg.seed + position["epoch"])
+            position["batch"] = 0
+        elapsed = start["elapsed"]
         _truncate_metrics(out, trainer.step_count)
         # Settings a resume may change (epochs, out, ...) are the run's settings from now on;
         # a later load_config or --resume must not see the old ones.
@@ -401,7 +498,7 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
         saved = json.loads(path.read_text()) if path.exists() else {}
         saved.setdefault("versions", package_versions())
         saved.setdefault("hardware", hardware(device))
-        write_json({**saved, **cfg.to_dict()}, path)
+        write_json({**saved, **resolved_config(cfg, model, guide, device)}, path)
 
     # The data were checked once above; per-step checks would read back from the device.
     set_validation(False)
@@ -413,41 +510,9 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
     last = (read_metrics(out) or [{}])[-1]
     t0 = time.perf_counter() - elapsed
     try:
-        bar = tqdm(range(epoch, cfg.epochs), desc=f"{cfg.model} K={cfg.k}", unit="epoch",
-                   initial=epoch, total=cfg.epochs, disable=not cfg.progress)  # fmt: skip
-        for epoch in bar:
-            trainer.set_kl_weight(kl_weight_schedule(epoch, cfg.kl_weight, cfg.kl_warmup_epochs))
-            trainer.set_lr(cfg.lr * cfg.lr_decay**epoch)
-            if hasattr(trainer.guide, "set_epoch"):
-                trainer.guide.set_epoch(epoch)
-            loss_sum, n = torch.zeros((), device=device), torch.zeros((), device=device)
-            steps = iterate_minibatches(train.x, cfg.batch_size, batches, binarize=cfg.binarize)
-            for x in tqdm(
-                steps,
-                total=len(train) // cfg.batch_size,
-                leave=False,
-                disable=not cfg.progress,
-                unit="step",
-            ):
-                with pyro.validation_enabled(pyro_checks):
-                    loss = trainer.step(x)
-                pyro_checks = False
-                # A step rolled back (on_nan="rollback") returns its non-finite loss: leave it
-                # out of the epoch's mean. Kept on the device: no host sync per step.
-                finite = torch.isfinite(loss)
-                loss_sum += torch.where(finite, loss, 0.0)
-                n += finite * x.shape[0]
-            done = epoch + 1
-            if done % cfg.eval_every == 0 or done == cfg.epochs:
-                last = _evaluate(
-                    cfg, trainer, test, done, (loss_sum / n).item(), time.perf_counter() - t0
-                )
-                with (out / "metrics.jsonl").open("a") as f:
-                    f.write(json.dumps(last) + "\n")
-                _save_checkpoint(out, trainer, batches, done, time.perf_counter() - t0, cfg)
-                bar.set_postfix(
-                    loss=f"{last['train_loss']:.2f}", acc=f"{last['acc_hungarian']:.3f}"
-                )
+        with _stop_on_signals() as stop:
+            last = _train_epochs(cfg, out, trainer, train, test, batches, position, t0, last,
+                                 stop, pyro_checks)  # fmt: skip
     finally:
         set_validation(True)
 
@@ -458,9 +523,84 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
                 trainer.model, trainer.guide, test.x, cfg.iw_samples
             )
     summary.update(wall_time_s=time.perf_counter() - t0, run_dir=str(out), hardware=hardware(device),
-                   model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset)  # fmt: skip
+                   model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset,
+                   rollbacks=trainer.rollbacks_total, complete=True)  # fmt: skip
     write_json(summary, out / "summary.json")
     return summary
+
+
+def _train_epochs(cfg, out, trainer, train, test, batches, position, t0, last, stop, pyro_checks):
+    device = trainer.device
+    bar = tqdm(range(position["epoch"], cfg.epochs), desc=f"{cfg.model} K={cfg.k}", unit="epoch",
+               initial=position["epoch"], total=cfg.epochs, disable=not cfg.progress)  # fmt: skip
+    for epoch in bar:
+        trainer.set_kl_weight(kl_weight_schedule(epoch, cfg.kl_weight, cfg.kl_warmup_epochs))
+        trainer.set_lr(cfg.lr * cfg.lr_decay**epoch)
+        if hasattr(trainer.guide, "set_epoch"):
+            trainer.guide.set_epoch(epoch)
+        skip = position["batch"]
+        if not skip:
+            position["epoch_start"] = batches.get_state()
+        loss_sum = torch.tensor(position["loss_sum"], device=device)
+        n = torch.tensor(position["n"], device=device, dtype=loss_sum.dtype)
+        taken, rollbacks_before = 0, trainer.rollbacks_total
+        steps = iterate_minibatches(train.x, cfg.batch_size, batches, binarize=cfg.binarize)
+        for b, x in enumerate(tqdm(steps, total=len(train) // cfg.batch_size, initial=skip, leave=False,
+                                   disable=not cfg.progress, unit="step")):  # fmt: skip
+            if b < skip:
+                continue  # replayed (its binarisation drawn) to reach the interrupted position
+            with pyro.validation_enabled(pyro_checks):
+                loss = trainer.step(x)
+            pyro_checks = False
+            # A step rolled back (on_nan="rollback") returns its non-finite loss: leave it
+            # out of the epoch's mean. Kept on the device: no host sync per step.
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)
+            n += finite * x.shape[0]
+            taken += 1
+            if stop["stop"]:
+                position.update(epoch=epoch, batch=b + 1, loss_sum=loss_sum.item(), n=n.item())
+                _save_checkpoint(out, trainer, batches, position, time.perf_counter() - t0, cfg)
+                raise RunInterrupted(out)
+        position.update(epoch=epoch + 1, batch=0, epoch_start=None, loss_sum=0.0, n=0)
+        rolled_back = trainer.rollbacks_total - rollbacks_before
+        if rolled_back and rolled_back >= taken:
+            raise NonFiniteLossError(
+                f"epoch {epoch + 1}: every step rolled back ({rolled_back}); the model did not "
+                "train. Lower the learning rate or clip the gradients (--clip-norm)"
+            )
+        done = epoch + 1
+        if done % cfg.eval_every == 0 or done == cfg.epochs:
+            train_loss = (loss_sum / n).item() if n.item() > 0 else None
+            last = _evaluate(cfg, trainer, test, done, train_loss, time.perf_counter() - t0)
+            last["rollbacks"] = trainer.rollbacks_total
+            _append_row(out, last)
+            _save_checkpoint(out, trainer, batches, position, time.perf_counter() - t0, cfg)
+            bar.set_postfix(loss=f"{last['train_loss']:.2f}", acc=f"{last['acc_hungarian']:.3f}")
+    return last
+
+
+def _append_row(out: Path, row: dict) -> None:
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def resolved_config(cfg: RunConfig, model, guide, device) -> dict:
+    """Every setting with its default resolved (what the run actually used), and the threads."""
+    values = cfg.to_dict()
+    if getattr(guide, "name", None) and values["guide"] is None:
+        values["guide"] = guide.name
+    values["likelihood"] = model.likelihood
+    values["device"] = str(device)
+    if cfg.model == "gmvae_w":
+        values["hidden"] = values["hidden"] or model.hidden
+        values["latent_dim"] = values["latent_dim"] or model.x_dim
+        values["w_dim"] = values["w_dim"] or model.w_dim
+    else:
+        values["hidden"] = values["hidden"] or list(model.hidden)
+        values["latent_dim"] = values["latent_dim"] or model.z_dim
+    values["threads"] = torch.get_num_threads()
+    return values
 
 
 # Seconds per training point of UMAP on 10-d codes, measured on the 2-core CPU of
@@ -480,7 +620,9 @@ def describe_plan(cfg: RunConfig, trainer, train, done_epochs=0) -> str:
     xb = torch.bernoulli(x) if cfg.binarize == "dynamic" else x
     state = trainer.estimator.state_dict()
     with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
-        step_s = _time(lambda: trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, xb))
+        step_s = _time(
+            lambda: trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, xb)
+        )
         pre_s = 0.0
         if cfg.pretrain_epochs and hasattr(trainer.guide, "encode"):
             pre_s = _time(lambda: autoencoder_loss(trainer.model, trainer.guide, x).backward())
@@ -515,11 +657,13 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def _save_checkpoint(out: Path, trainer, batches, epoch: int, elapsed: float, cfg: RunConfig):
+def _save_checkpoint(out: Path, trainer, batches, position: dict, elapsed: float, cfg: RunConfig):
+    """Write the exact state atomically; the checkpoint it replaces is kept as the previous one,
+    to fall back to if the newest is ever unreadable."""
     atomic_save(
-        {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": epoch,
-         "elapsed": elapsed, "config": cfg.to_dict()},
-        out / CHECKPOINT,
+        {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": position["epoch"],
+         "position": dict(position), "elapsed": elapsed, "config": cfg.to_dict()},
+        out / CHECKPOINT, previous=out / PREVIOUS,
     )  # fmt: skip
 
 
@@ -553,16 +697,65 @@ def _evaluate(cfg, trainer, test, epoch, train_loss, time_s) -> dict:
     return row
 
 
-def _load_checkpoint(out: Path, cfg: RunConfig) -> dict:
-    path = out / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+PREVIOUS = "checkpoint.prev.pt"
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    """The run's checkpoints that exist, newest first."""
+    return [p for p in (out / CHECKPOINT, out / PREVIOUS) if p.exists()]
+
+
+def _read_checkpoint(path: Path, map_location="cpu") -> dict:
+    """A checkpoint's contents, or CorruptCheckpointError naming the file and what is wrong."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+        if not isinstance(state, dict) or not {"trainer", "config", "epoch"} <= set(state):
+            raise ValueError("it lacks the trainer, config or epoch entry")
+        return state
+    except Exception as err:  # noqa: BLE001 - truncated zip, unpickling error, wrong content
+        raise CorruptCheckpointError(f"{path} is unreadable ({type(err).__name__}: "
+                                     f"{' '.join(str(err).split())[:200]})") from None  # fmt: skip
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is truncated, corrupt or not a checkpoint."""
+
+
+def _load_checkpoint(out: Path, cfg: RunConfig, log=None) -> dict | None:
+    """The newest readable checkpoint (falling back to the previous one, and saying so), or None
+    for a run that stopped before its first checkpoint (it then starts over)."""
+    paths = _checkpoints(out)
+    if not paths:
+        if (out / "config.json").exists():
+            return None
+        raise FileNotFoundError(f"--resume: no run in {out} (no checkpoint, no config.json)")
+    state, errors = None, []
+    for path in paths:
+        try:
+            state = _read_checkpoint(path)
+            break
+        except CorruptCheckpointError as err:
+            errors.append(str(err))
+    if state is None:
+        raise CorruptCheckpointError("; ".join(errors) + "; no checkpoint is left to resume from")
+    if errors:
+        message = f"{errors[0]}; resuming from the previous checkpoint (epoch {state['epoch']})"
+        warnings.warn(message, stacklevel=3)
+        if log is not None:
+            log(message)
     saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
     now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
-    changed = sorted(k for k in now if saved.get(k) != now[k])
+    # None is "the default" for these, which config.json records resolved: compare explicit ones.
+    resolved = ("guide", "likelihood", "hidden", "latent_dim", "w_dim")
+    changed = sorted(k for k in now if saved.get(k) != now[k]
+                     and not (k in resolved and None in (saved.get(k), now[k])))  # fmt: skip
     if changed:
         raise ValueError(f"--resume: settings differ from the checkpointed run: {changed}")
+    if cfg.epochs < state["epoch"]:
+        raise ValueError(
+            f"--resume: --epochs {cfg.epochs} is fewer than the {state['epoch']} epochs this run "
+            "has done; pass at least that many"
+        )
     return state
 
 
@@ -585,18 +778,61 @@ def _truncate_metrics(out: Path, step: int) -> None:
 
 
 def load_config(run_dir) -> RunConfig:
-    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    """The run's settings, from its config.json (or, if that is unreadable, its checkpoint)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        paths = _checkpoints(Path(run_dir))
+        if not paths:
+            raise CorruptCheckpointError(f"{path} is unreadable ({err}) and no checkpoint holds "
+                                         "the settings") from None  # fmt: skip
+        saved = _read_checkpoint(paths[0])["config"]
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     return RunConfig(**{k: v for k, v in saved.items() if k in fields})
 
 
-def load_run(run_dir, device="cpu"):
-    """The trained model and guide of a run directory, in eval mode, ready for ``cluster_probs``."""
+def run_status(run_dir) -> dict:
+    """How far a run got: ``{"epoch": done, "epochs": asked, "complete": bool}``."""
     run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT).exists():
+    paths = _checkpoints(run_dir)
+    if not paths:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
     cfg = load_config(run_dir)
-    state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+    state = _read_checkpoint(paths[0])
+    position = state.get("position", {"batch": 0})
+    complete = (run_dir / "summary.json").exists() and state["epoch"] >= cfg.epochs
+    return {
+        "epoch": state["epoch"],
+        "epochs": cfg.epochs,
+        "complete": complete and not position["batch"],
+    }
+
+
+class IncompleteRunWarning(UserWarning):
+    """load_run was given a run that has not finished its epochs."""
+
+
+def load_run(run_dir, device="cpu"):
+    """The trained model and guide of a run directory, in eval mode, ready for ``cluster_probs``.
+
+    A run that has not finished gives its latest checkpoint with an
+    :class:`IncompleteRunWarning` naming the epoch (:func:`run_status` tells without loading).
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(device)
+    paths = _checkpoints(run_dir)
+    if not paths:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}")
+    cfg = load_config(run_dir)
+    state = _read_checkpoint(paths[0], map_location=device)
+    status = run_status(run_dir)
+    if not status["complete"]:
+        warnings.warn(
+            f"{run_dir} is incomplete: the model of epoch {status['epoch']} of {status['epochs']}",
+            IncompleteRunWarning,
+            stacklevel=2,
+        )
     data_dim, image_shape = _data_shape(cfg)
     model, guide = build_model(cfg, data_dim, image_shape)
     model.load_state_dict(state["trainer"]["model"])

@@ -6,6 +6,7 @@ optimiser update — except that gradients are clipped by their *global* norm
 element) and the optimiser is a plain ``torch.optim`` one, so its state is checkpointed exactly.
 """
 
+import collections
 import copy
 import math
 
@@ -115,14 +116,18 @@ class Trainer:
         device: "cuda", "cpu" or None (CUDA when available).
         seed: seeds torch, numpy and random; a CPU run is reproducible from it.
         on_nan: "raise" stops with :class:`NonFiniteLossError`; "rollback" restores the last
-            good state (up to ``max_rollbacks`` times in a row) and goes on.
+            good state and goes on, but stops all the same after ``max_rollbacks`` rollbacks in a
+            row or when more than ``max_rollback_fraction`` of the last ``rollback_window``
+            steps rolled back (a learning rate so high that good and bad steps alternate never
+            trains: each rollback undoes the step before it). ``rollbacks_total`` counts them.
         nan_check_every: check the loss every this many steps (None: every step on CPU, every 20
             on CUDA, since each check reads the loss back from the device).
     """
 
     def __init__(self, model, guide=None, estimator="enum", optimizer="adam", lr=1e-3, clip_norm=None,
                  kl_weight=1.0, free_bits=0.0, num_particles=1, device=None, seed=0, on_nan="raise",
-                 max_rollbacks=10, nan_check_every=None):  # fmt: skip
+                 max_rollbacks=10, nan_check_every=None, max_rollback_fraction=0.1,
+                 rollback_window=100):  # fmt: skip
         if on_nan not in ON_NAN:
             raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
         if optimizer not in OPTIMIZERS:
@@ -139,6 +144,13 @@ class Trainer:
             )
         if not isinstance(max_rollbacks, int) or max_rollbacks < 0:
             raise ValueError(f"max_rollbacks must be an integer >= 0, got {max_rollbacks!r}")
+        if not 0 <= max_rollback_fraction <= 1 or not (
+            isinstance(rollback_window, int) and rollback_window >= 1
+        ):
+            raise ValueError(
+                "need 0 <= max_rollback_fraction <= 1 and an integer rollback_window >= 1, got "
+                f"{max_rollback_fraction!r} and {rollback_window!r}"
+            )
         self.device = resolve_device(device)
         self.seed = seed
         pyro.set_rng_seed(seed)
@@ -160,8 +172,11 @@ class Trainer:
         self.clip_norm = clip_norm
         self.on_nan, self.max_rollbacks = on_nan, max_rollbacks
         self.nan_check_every = nan_check_every or (1 if self.device.type == "cpu" else 20)
+        self.max_rollback_fraction, self.rollback_window = max_rollback_fraction, rollback_window
         self.step_count = 0
-        self.rollbacks = 0
+        self.rollbacks = 0  # in a row
+        self.rollbacks_total = 0
+        self._recent = collections.deque(maxlen=rollback_window)  # True: the step rolled back
         self._good_state = None
 
     def set_kl_weight(self, kl_weight: float) -> None:
@@ -183,12 +198,14 @@ class Trainer:
 
     def loss(self, x) -> torch.Tensor:
         """The training objective on a batch, summed over its points, without gradients."""
+        x = self.model.prepare(x)
         # Not under no_grad: TraceEnum_ELBO's differentiable_loss refuses a loss without a graph.
         return self.estimator.loss(self.model_fn, self.guide_fn, x).detach()
 
     def step(self, x) -> torch.Tensor:
         """One SVI step on batch x; returns the loss (summed over the batch) as a device tensor,
-        NaN for a step rolled back (``on_nan="rollback"``)."""
+        NaN for a step rolled back (``on_nan="rollback"``). ``x``: see ``model.prepare``."""
+        x = self.model.prepare(x)
         self.model.train(), self.guide.train()
         try:
             loss = self.estimator.loss_and_grads(self.model_fn, self.guide_fn, x)
@@ -215,6 +232,7 @@ class Trainer:
                 return torch.full_like(loss, math.nan)
             self.rollbacks = 0
             if self.on_nan == "rollback":
+                self._recent.append(False)
                 self._good_state = copy.deepcopy(self._train_state())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -227,16 +245,26 @@ class Trainer:
         where = (
             "" if cause is None else " (a distribution got invalid, e.g. NaN, parameters or values)"
         )
-        message = (
-            f"non-finite loss or gradient ({value}) at step {self.step_count}{where}; try a lower "
-            "learning rate, a gradient clip (clip_norm), or on_nan='rollback'"
-        )
-        if self.on_nan == "raise" or self._good_state is None:
+        remedies = "a lower learning rate or a gradient clip (clip_norm)"
+        if self.on_nan == "raise":
+            remedies += ", or on_nan='rollback'"
+        message = f"non-finite loss or gradient ({value}) at step {self.step_count}{where}; try {remedies}"
+        if self.on_nan == "raise":
             raise NonFiniteLossError(message) from cause
+        if self._good_state is None:
+            raise NonFiniteLossError(f"{message} (no good state to roll back to yet)") from cause
         self.rollbacks += 1
+        self.rollbacks_total += 1
+        self._recent.append(True)
         if self.rollbacks > self.max_rollbacks:
             raise NonFiniteLossError(
                 f"{message} ({self.max_rollbacks} rollbacks in a row)"
+            ) from cause
+        share = sum(self._recent) / len(self._recent)
+        if len(self._recent) == self.rollback_window and share > self.max_rollback_fraction:
+            raise NonFiniteLossError(
+                f"{message} ({sum(self._recent)} of the last {self.rollback_window} steps rolled "
+                f"back, more than max_rollback_fraction = {self.max_rollback_fraction})"
             ) from cause
         self._load_train_state(self._good_state)
 
@@ -259,6 +287,8 @@ class Trainer:
             **self._train_state(),
             "estimator": self.estimator.state_dict(),  # e.g. graph's baseline
             "step": self.step_count,
+            "rollbacks_total": self.rollbacks_total,
+            "recent_rollbacks": list(self._recent),
             "kl_weight": self.kl_weight,
             "rng": rng_state(),
         }
@@ -267,6 +297,9 @@ class Trainer:
         self._load_train_state(state)
         self.estimator.load_state_dict(state.get("estimator", {}))
         self.step_count = state["step"]
+        self.rollbacks_total = state.get("rollbacks_total", 0)
+        self._recent.clear()
+        self._recent.extend(state.get("recent_rollbacks", []))
         self.set_kl_weight(state["kl_weight"])
         set_rng_state(state["rng"])
         # A rollback must go back to the loaded state, never to one from before the load.

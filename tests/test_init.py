@@ -132,7 +132,9 @@ def test_shu_guide_with_full_covariance_prior_equals_explicit_sum(binary_batch):
         z_k = z[k]
         log_q_z = guide.z_dist(x, y).log_prob(z_k)
         log_p_x = tdist.Bernoulli(logits=model.decoder(z_k)).log_prob(x).sum(-1)
-        term = log_p_x + hand_component(model, k).log_prob(z_k) + log_pi[k] - log_q_y[:, k] - log_q_z
+        term = (
+            log_p_x + hand_component(model, k).log_prob(z_k) + log_pi[k] - log_q_y[:, k] - log_q_z
+        )
         hand = hand - (log_q_y[:, k].exp() * term).sum()
     torch.testing.assert_close(loss, hand)
 
@@ -205,7 +207,9 @@ def mixture_data(n=300, d=12, seed=0):
 @pytest.mark.parametrize("guide_name", ["vade", "mean_field"])
 def test_initialise_gmm_writes_the_fitted_mixture(guide_name):
     torch.manual_seed(0)
-    model = make_model("gmvae", data_dim=12, k=K, z_dim=2, hidden=(16,), learn_weights=True).double()
+    model = make_model(
+        "gmvae", data_dim=12, k=K, z_dim=2, hidden=(16,), learn_weights=True
+    ).double()
     guide = make_guide(guide_name, model).double()
     x, _ = mixture_data()
     report = initialise(model, guide, x, "gmm", pretrain_epochs=2, batch_size=50, seed=1,
@@ -305,7 +309,9 @@ def test_resume_after_the_initialisation_stage_equals_an_uninterrupted_run(tmp_p
         pass
 
     def rows(out):
-        return [{k: v for k, v in r.items() if k not in ("time_s", "init_s")} for r in read_metrics(out)]
+        return [
+            {k: v for k, v in r.items() if k not in ("time_s", "init_s")} for r in read_metrics(out)
+        ]
 
     run(run_config(tmp_path / "whole"))
     step = Trainer.step

@@ -148,7 +148,7 @@ def test_model_specific_defaults(smoke_runs):
     root, _ = smoke_runs
     saved = {m: json.loads((root / m / "config.json").read_text()) for m in MODELS}
     assert (saved["gmvae_w"]["lr"], saved["gmvae_w"]["free_bits"]) == (1e-4, 0.5)
-    assert saved["gmvae_w"]["guide"] is None and saved["gmvae_w"]["w_dim"] == 4
+    assert saved["gmvae_w"]["guide"] == "exact_posterior" and saved["gmvae_w"]["w_dim"] == 4
     for m in ("m2", "modified_m2", "gmvae"):
         assert (saved[m]["lr"], saved[m]["free_bits"], saved[m]["estimator"]) == (1e-3, 0.0, "enum")
 
@@ -236,10 +236,11 @@ def test_missing_data_dir(script, monkeypatch, capsys, tmp_path):
     missing = tmp_path / "no_data_here"
     err = expect_flag_error(
         script, monkeypatch, capsys,
-        ["--data-dir", str(missing), "--out", str(tmp_path / "r"), "--hidden", "16"], "--data-dir",
+        ["--data-dir", str(missing), "--out", str(tmp_path / "r"), "--hidden", "16",
+         "--no-download"], "--data-dir",
     )  # fmt: skip
-    assert str(missing) in err and "--download" in err
-    assert not missing.exists()  # nothing downloaded or created without --download
+    assert str(missing) in err and "--no-download" in err
+    assert not missing.exists()  # nothing downloaded or created with --no-download
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -79,12 +79,23 @@ def test_run_directory_contents(reference):
     saved = json.loads((out / "config.json").read_text())
     cfg = config(out)
     for field in dataclasses.fields(RunConfig):
-        assert saved[field.name] == getattr(cfg, field.name), field.name
+        given = getattr(cfg, field.name)
+        # Every default is resolved: None becomes the value the run used.
+        assert saved[field.name] == given or (given is None and saved[field.name] is not None), (
+            field.name
+        )
+    assert (saved["guide"], saved["likelihood"], saved["device"]) == (
+        "mean_field",
+        "gaussian",
+        "cpu",
+    )
+    assert saved["threads"] == torch.get_num_threads()
     assert saved["seed"] == 0
     assert {"pyro", "torch", "numpy", "scipy", "sklearn", "python", "pyro_gmvae"} <= set(
         saved["versions"]
     )
-    assert R.load_config(out) == cfg
+    resolved = {k: saved[k] for k in ("guide", "likelihood", "device")}
+    assert R.load_config(out) == dataclasses.replace(cfg, **resolved)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epoch"] == 4 and summary["acc_hungarian"] == rows[-1]["acc_hungarian"]
@@ -151,7 +162,7 @@ def test_checkpoint_write_killed_midway(reference, tmp_path, monkeypatch):
         run(config(tmp_path))
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint.pt", "config.json", "metrics.jsonl",
+        ".lock", "checkpoint.pt", "config.json", "metrics.jsonl",
     ]  # fmt: skip
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["epoch"] == 1 and state["trainer"]["step"] == STEPS_PER_EPOCH
