@@ -113,7 +113,7 @@ def table(records) -> str:
         chosen = next(r for r in runs if r["selected_by_elbo"])
         init = [r["init_acc_hungarian"] for r in runs if r["init_acc_hungarian"] is not None]
 
-        def ms(key, scale=1.0, digits=3):
+        def ms(key, scale=1.0, digits=3, runs=runs):
             v = scale * np.array([r[key] for r in runs], dtype=float)
             return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
 

@@ -29,7 +29,7 @@ from .evaluate import evaluate, iw_log_likelihood
 from .guides import GUIDE_FITS, GUIDES, make_guide
 from .init import INIT_METHODS, initialise
 from .nets import set_validation
-from .train import OPTIMIZERS, Trainer, kl_weight_schedule, resolve_device
+from .train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "svhn", "arcs")
 BINARIZE = ("dynamic", "none")
