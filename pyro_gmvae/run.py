@@ -389,19 +389,20 @@ def run_lock(out: Path):
 
 @contextlib.contextmanager
 def _stop_on_signals():
-    """SIGINT and SIGTERM set a flag that the training loop reads after each step (it then
-    checkpoints and raises RunInterrupted); a second signal interrupts at once. Only in the main
-    thread (Python delivers signals there); elsewhere nothing changes."""
+    """SIGINT and SIGTERM interrupt at once (KeyboardInterrupt) until the training loop arms the
+    flag (``flag["armed"] = True``); from then on they set ``flag["stop"]``, which the loop reads
+    after each step to checkpoint the exact state and raise RunInterrupted. A second signal
+    interrupts at once. Only in the main thread (Python delivers signals there)."""
     import signal
     import threading
 
-    flag = {"stop": False}
+    flag = {"stop": False, "armed": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        if flag["stop"]:
+        if flag["stop"] or not flag["armed"]:
             raise KeyboardInterrupt
         flag["stop"] = True
 
@@ -425,7 +426,7 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
+    with run_lock(out), _stop_on_signals() as stop:
         for stale in out.glob("*.tmp"):  # left by a kill between a write and its rename
             stale.unlink()
         start = None
@@ -435,10 +436,10 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
             raise FileExistsError(
                 f"{out} already holds a run; pass resume=True (--resume) or another --out"
             )
-        return _run(cfg, out, device, start, log)
+        return _run(cfg, out, device, start, log, stop)
 
 
-def _run(cfg, out, device, start, log):
+def _run(cfg, out, device, start, log, stop):
     train, test = load_data(cfg, device)
     _check_training_data(train, test, cfg)
     # The networks' initial weights are drawn from the global RNG: seed it first, or two runs
@@ -458,6 +459,8 @@ def _run(cfg, out, device, start, log):
     # batches done, the generator state the epoch started from and the loss accumulated so far.
     position = {"epoch": 0, "batch": 0, "epoch_start": None, "loss_sum": 0.0, "n": 0}
     elapsed = 0.0
+    # CPU seconds of this process (all its threads), counted on from a checkpoint's.
+    cpu0 = time.process_time() - (start or {}).get("cpu_s", 0.0)
     if start is None:
         write_json({**resolved_config(cfg, model, guide, device), "versions": package_versions(),
                     "hardware": hardware(device)}, out / "config.json")  # fmt: skip
@@ -472,7 +475,9 @@ def _run(cfg, out, device, start, log):
             row = _evaluate(cfg, trainer, test, 0, None, elapsed)
             row.update(init_s=report["init_s"], gmm_log_likelihood=report.get("gmm_log_likelihood"))
             _append_row(out, row)
-            _save_checkpoint(out, trainer, batches, position, elapsed, cfg)
+            _save_checkpoint(
+                out, trainer, batches, position, elapsed, cfg, time.process_time() - cpu0
+            )
     else:
         trainer.load_state_dict(start["trainer"])
         position.update(start.get("position", {"epoch": start["epoch"]}))
@@ -510,10 +515,11 @@ def _run(cfg, out, device, start, log):
     last = (read_metrics(out) or [{}])[-1]
     t0 = time.perf_counter() - elapsed
     try:
-        with _stop_on_signals() as stop:
-            last = _train_epochs(cfg, out, trainer, train, test, batches, position, t0, last,
-                                 stop, pyro_checks)  # fmt: skip
+        stop["armed"] = True
+        last = _train_epochs(cfg, out, trainer, train, test, batches, position, (t0, cpu0), last,
+                             stop, pyro_checks)  # fmt: skip
     finally:
+        stop["armed"] = False
         set_validation(True)
 
     summary = dict(last)
@@ -522,15 +528,24 @@ def _run(cfg, out, device, start, log):
             summary["test_iw_bound"] = iw_log_likelihood(
                 trainer.model, trainer.guide, test.x, cfg.iw_samples
             )
-    summary.update(wall_time_s=time.perf_counter() - t0, run_dir=str(out), hardware=hardware(device),
+    summary.update(wall_time_s=time.perf_counter() - t0, cpu_time_s=time.process_time() - cpu0,
+                   run_dir=str(out), hardware=hardware(device),
                    model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset,
                    rollbacks=trainer.rollbacks_total, complete=True)  # fmt: skip
     write_json(summary, out / "summary.json")
     return summary
 
 
-def _train_epochs(cfg, out, trainer, train, test, batches, position, t0, last, stop, pyro_checks):
+def _train_epochs(
+    cfg, out, trainer, train, test, batches, position, clocks, last, stop, pyro_checks
+):
     device = trainer.device
+    t0, cpu0 = clocks
+
+    def checkpoint():
+        _save_checkpoint(out, trainer, batches, position, time.perf_counter() - t0, cfg,
+                         time.process_time() - cpu0)  # fmt: skip
+
     bar = tqdm(range(position["epoch"], cfg.epochs), desc=f"{cfg.model} K={cfg.k}", unit="epoch",
                initial=position["epoch"], total=cfg.epochs, disable=not cfg.progress)  # fmt: skip
     for epoch in bar:
@@ -560,7 +575,7 @@ def _train_epochs(cfg, out, trainer, train, test, batches, position, t0, last, s
             taken += 1
             if stop["stop"]:
                 position.update(epoch=epoch, batch=b + 1, loss_sum=loss_sum.item(), n=n.item())
-                _save_checkpoint(out, trainer, batches, position, time.perf_counter() - t0, cfg)
+                checkpoint()
                 raise RunInterrupted(out)
         position.update(epoch=epoch + 1, batch=0, epoch_start=None, loss_sum=0.0, n=0)
         rolled_back = trainer.rollbacks_total - rollbacks_before
@@ -575,7 +590,7 @@ def _train_epochs(cfg, out, trainer, train, test, batches, position, t0, last, s
             last = _evaluate(cfg, trainer, test, done, train_loss, time.perf_counter() - t0)
             last["rollbacks"] = trainer.rollbacks_total
             _append_row(out, last)
-            _save_checkpoint(out, trainer, batches, position, time.perf_counter() - t0, cfg)
+            checkpoint()
             bar.set_postfix(loss=f"{last['train_loss']:.2f}", acc=f"{last['acc_hungarian']:.3f}")
     return last
 
@@ -657,12 +672,13 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def _save_checkpoint(out: Path, trainer, batches, position: dict, elapsed: float, cfg: RunConfig):
+def _save_checkpoint(out: Path, trainer, batches, position: dict, elapsed: float, cfg: RunConfig,
+                     cpu_s: float = 0.0):  # fmt: skip
     """Write the exact state atomically; the checkpoint it replaces is kept as the previous one,
     to fall back to if the newest is ever unreadable."""
     atomic_save(
         {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": position["epoch"],
-         "position": dict(position), "elapsed": elapsed, "config": cfg.to_dict()},
+         "position": dict(position), "elapsed": elapsed, "cpu_s": cpu_s, "config": cfg.to_dict()},
         out / CHECKPOINT, previous=out / PREVIOUS,
     )  # fmt: skip
 
