@@ -181,7 +181,7 @@ def test_rollbacks_are_counted_in_metrics_and_summary(tmp_path, monkeypatch):
 
     def one_nan(self, x):
         calls.append(None)
-        if len(calls) == 3:
+        if len(calls) == 2:  # epoch 1's second step
             x = torch.full_like(torch.as_tensor(x), math.nan)
             from pyro_gmvae import nets
 
@@ -240,7 +240,9 @@ def test_inputs_are_converted_or_refused_in_one_line(mnist_like):
         torch.testing.assert_close(cluster_probs(guide, same), expected)
     binary = (images > 127).to(torch.uint8)  # 0/1 uint8: not rescaled
     trainer = Trainer(model, guide)
+    torch.manual_seed(1)
     loss_uint8 = trainer.loss(binary)
+    torch.manual_seed(1)  # the same draw of z
     torch.testing.assert_close(loss_uint8, trainer.loss(binary.reshape(5, 784).float()))
     for bad, message in [
         (torch.zeros(0, 784), "empty"),
