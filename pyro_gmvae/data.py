@@ -94,6 +94,11 @@ class ArrayDataset:
         return self.x.shape[1]
 
     @property
+    def has_labels(self) -> bool:
+        """Whether every item has a label (own data may come without)."""
+        return bool((self.labels >= 0).all())
+
+    @property
     def num_classes(self) -> int:
         """The number of distinct labels present."""
         return int(torch.unique(self.labels).numel())
@@ -266,6 +271,124 @@ def load_dataset(
     x = x.to(device=device, dtype=torch.float32).div_(255.0)
     labels = labels.to(device=device, dtype=torch.int64)
     return ArrayDataset(x, labels, image_shape, name)
+
+
+# --------------------------------------------------------------------------- your own data
+
+NO_LABEL = -1  # the label of an item whose class is unknown
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def is_user_data(name) -> bool:
+    """Whether a dataset name is a path to the user's own data (a file or a folder)."""
+    text = str(name)
+    return text not in DATASETS and (
+        os.sep in text or text.endswith((".npy", ".npz")) or pathlib.Path(text).exists()
+    )
+
+
+def load_user_data(path, limit=None, device="cpu") -> ArrayDataset:
+    """Your own data as an :class:`ArrayDataset`: a ``.npy``/``.npz`` array file, or a folder of
+    PNG/JPEG images.
+
+    - ``.npy``: one array (N, D), or images (N, H, W), (N, H, W, C) or (N, C, H, W).
+    - ``.npz``: the data under ``x`` (or ``X``, ``data``, or its only array), labels under ``y``
+      or ``labels`` if present.
+    - a folder: every image in it, in sorted order, or in class subfolders (the subfolder's
+      name is the label, as ``torchvision.datasets.ImageFolder`` reads them); read by Pillow,
+      greyscale if every image is, else RGB, resized to the first image's size.
+
+    uint8 values are scaled to [0, 1]; other values are kept as they are. Items without labels
+    get :data:`NO_LABEL`. One clear error names a path that holds nothing usable.
+    """
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise DatasetNotFoundError(f"{path}: no such file or folder")
+    if path.is_dir():
+        x, labels, image_shape = _read_image_folder(path)
+    elif path.suffix in (".npy", ".npz"):
+        x, labels, image_shape = _read_array_file(path)
+    else:
+        raise ValueError(f"{path}: expected a .npy or .npz file or a folder of images")
+    if limit is not None:
+        x, labels = x[: int(limit)], labels[: int(limit)]
+    if x.shape[0] == 0:
+        raise ValueError(f"{path}: holds no items")
+    x = x.to(device=device, dtype=torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{path}: the data contain NaN or infinite values")
+    return ArrayDataset(x, labels.to(device), image_shape, str(path))
+
+
+def _as_items(array: np.ndarray, where) -> tuple[torch.Tensor, tuple | None]:
+    """(N, D) float values of an array of items, and the image shape (C, H, W) if images."""
+    if array.dtype == object or not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
+        raise ValueError(f"{where}: expected numbers, got an array of {array.dtype}")
+    x = torch.from_numpy(np.ascontiguousarray(array))
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    x = x.to(torch.float32) / scale
+    if x.dim() == 2:
+        return x, None
+    if x.dim() == 3:  # (N, H, W): greyscale images
+        return x.reshape(len(x), -1), (1, *x.shape[1:])
+    if x.dim() == 4:
+        if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+            x = x.permute(0, 3, 1, 2)  # channels last -> (N, C, H, W)
+        return x.reshape(len(x), -1), tuple(x.shape[1:])
+    raise ValueError(f"{where}: expected rows (N, D) or images (N, H, W[, C]), got {tuple(x.shape)}")
+
+
+def _read_array_file(path: pathlib.Path):
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable NumPy file ({err})") from None
+    labels = None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        keys = list(loaded.keys())
+        key = next((k for k in ("x", "X", "data") if k in keys), keys[0] if len(keys) == 1 else None)
+        if key is None:
+            raise ValueError(f"{path}: name the data 'x' (found {keys})")
+        array = loaded[key]
+        label_key = next((k for k in ("y", "labels") if k in keys), None)
+        if label_key is not None:
+            labels = torch.as_tensor(loaded[label_key].astype(np.int64))
+    else:
+        array = loaded
+    x, image_shape = _as_items(array, path)
+    if labels is None:
+        labels = torch.full((len(x),), NO_LABEL, dtype=torch.int64)
+    elif labels.shape != (len(x),):
+        raise ValueError(f"{path}: {len(labels)} labels for {len(x)} items")
+    return x, labels, image_shape
+
+
+def _read_image_folder(path: pathlib.Path):
+    from PIL import Image, UnidentifiedImageError  # Pillow comes with torchvision
+
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: no PNG or JPEG images in this folder")
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (OSError, UnidentifiedImageError) as err:
+            raise ValueError(f"{f}: not a readable image ({err})") from None
+    mode = "L" if all(im.mode in ("1", "L", "LA", "I", "I;16") for im in images) else "RGB"
+    size = images[0].size
+    arrays = [np.asarray(im.convert(mode).resize(size, Image.BILINEAR)) for im in images]
+    x = torch.from_numpy(np.stack(arrays)).to(torch.float32) / 255.0
+    x = x[:, None] if mode == "L" else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    classes = sorted({f.parent for f in files if f.parent != path})
+    if classes and all(f.parent != path for f in files):
+        index = {c: i for i, c in enumerate(classes)}
+        labels = torch.tensor([index[f.parent] for f in files], dtype=torch.int64)
+    else:
+        labels = torch.full((len(files),), NO_LABEL, dtype=torch.int64)
+    return x.reshape(len(x), -1), labels, tuple(x.shape[1:])
 
 
 # --------------------------------------------------------------------------- synthetic arcs

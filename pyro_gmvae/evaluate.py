@@ -124,7 +124,11 @@ def evaluate(model, guide, x, labels, batch_size=1000, num_particles=1, iw_sampl
     """Clustering metrics, test ELBO, cluster KL and (if ``iw_samples``) the IW bound on (x, labels)."""
     x = model.prepare(x)
     probs = cluster_probs(guide, x, batch_size)
-    report = clustering_report(labels.cpu().numpy(), probs.cpu().double().numpy())
+    labels = torch.as_tensor(labels).cpu()
+    if (labels < 0).any():  # unlabelled data: only the metrics that need no labels
+        report = clustering_report(None, probs.cpu().double().numpy())
+    else:
+        report = clustering_report(labels.numpy(), probs.cpu().double().numpy())
     report["test_elbo"] = elbo(model, guide, x, batch_size, num_particles)
     report["cluster_kl"] = mean_cluster_kl(model, probs)
     if iw_samples:

@@ -198,8 +198,13 @@ def clustering_report(labels_true, cluster_probs) -> dict:
     """All metrics for ``(N, K)`` cluster posteriors; hard assignments are the row argmax.
 
     Keys: ``acc_hungarian``, ``acc_majority``, ``acc_aae``, ``nmi``, ``ari``, ``cond_entropy``,
-    ``usage_entropy``, ``clusters_used``.
+    ``usage_entropy``, ``clusters_used``; without labels (``labels_true`` None) only the last
+    three, which need none.
     """
+    if labels_true is None:
+        q = _probs(cluster_probs)
+        return {"cond_entropy": conditional_entropy(q), "usage_entropy": usage_entropy(q),
+                "clusters_used": clusters_used(q.argmax(axis=1))}  # fmt: skip
     t, q = _probs_and_labels(labels_true, cluster_probs)
     pred = q.argmax(axis=1)
     return {

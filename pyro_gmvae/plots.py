@@ -46,11 +46,13 @@ def plot_curves(rows, k, path, title=None):
     fig = Figure(figsize=(15, 4.2), layout="constrained")
     acc, ent, loss = fig.subplots(1, 3)
     for key, label in ACCURACIES:
-        acc.plot(epochs, [r[key] for r in rows], "o-", ms=3, label=label)
+        if key in rows[0]:  # unlabelled data have no accuracy: the panel stays empty
+            acc.plot(epochs, [r[key] for r in rows], "o-", ms=3, label=label)
     for ax in (acc, ent, loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1), title="clustering accuracy")
-    acc.legend(loc="lower right", fontsize=8)
+    if "acc_hungarian" in rows[0]:
+        acc.legend(loc="lower right", fontsize=8)
     ent.plot(epochs, [r["cond_entropy"] for r in rows], "o-", ms=3, label="H(Y|X)")
     # The collapse line: H(Y|X) = log K when q(y|x) is uniform (Shu's M2 failure mode).
     ent.axhline(math.log(k), color="k", ls="--", lw=1, label=f"log K = {math.log(k):.2f}")
@@ -318,8 +320,11 @@ def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols
         probs = torch.cat([guide.cluster_probs(b) for b in test_x.split(1000)])
         clusters = probs.argmax(-1)
         labels = torch.as_tensor(test_labels).cpu().numpy()
-        counts = contingency(labels, clusters.cpu().numpy(), n_clusters=model.k,
-                             n_classes=int(labels.max()) + 1)  # fmt: skip
+        labelled = bool((labels >= 0).all())  # own data may come without labels
+        # Unlabelled: one column of cluster sizes, so the figures still say how big each is.
+        counts = contingency(labels if labelled else np.zeros_like(labels),
+                             clusters.cpu().numpy(), n_clusters=model.k,
+                             n_classes=int(labels.max()) + 1 if labelled else 1)  # fmt: skip
         paths = {}
         rows = read_metrics(run_dir)
         name = f"{model.name}, K = {model.k}"
@@ -329,16 +334,17 @@ def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols
         acc = (
             f" — Hungarian accuracy {last['acc_hungarian']:.3f}" if "acc_hungarian" in last else ""
         )
-        paths["confusion"] = plot_confusion(
-            counts, run_dir / "confusion.png", title=f"{name}: clusters vs labels (test){acc}"
-        )
+        if labelled:
+            paths["confusion"] = plot_confusion(
+                counts, run_dir / "confusion.png", title=f"{name}: clusters vs labels (test){acc}"
+            )
         if image_shape is None:
             if test_x.shape[1] == 2:
                 paths["clusters"] = plot_scatter(
                     test_x.cpu(), clusters.cpu(), run_dir / "clusters.png", title=name
                 )
             return paths
-        row_labels = [_cluster_label(c, counts[c]) for c in range(model.k)]
+        row_labels = [_cluster_label(c, counts[c], labelled) for c in range(model.k)]
         if _is_w_model(model):
             what = "column 1: x = μ_c(0); others: x = μ_c(w), w ~ N(0, I) shared per column"
         else:
@@ -369,11 +375,12 @@ def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols
         model.train(was_training[0]), guide.train(was_training[1])
 
 
-def _cluster_label(c, counts_c):
+def _cluster_label(c, counts_c, labelled=True):
     """'cluster 3: 1012 pts, mostly 7': what a row of cluster images stands for."""
     if not counts_c.sum():
         return f"cluster {c}: empty"
-    return f"cluster {c}: {counts_c.sum()} pts, mostly {counts_c.argmax()}"
+    mostly = f", mostly {counts_c.argmax()}" if labelled else ""
+    return f"cluster {c}: {counts_c.sum()} pts{mostly}"
 
 
 def _examples_per_cluster(clusters, k, n_cols, n_rows=4):

@@ -10,6 +10,7 @@ hardware). ``resume=True`` continues from the checkpoint and reproduces, on CPU,
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import tempfile
@@ -23,7 +24,14 @@ from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from . import MODELS, make_model
-from .data import binarize_fixed, iterate_minibatches, load_dataset, make_arcs
+from .data import (
+    binarize_fixed,
+    is_user_data,
+    iterate_minibatches,
+    load_dataset,
+    load_user_data,
+    make_arcs,
+)
 from .estimators import ESTIMATORS
 from .evaluate import evaluate, iw_log_likelihood
 from .guides import GUIDE_FITS, GUIDES, make_guide
@@ -124,8 +132,9 @@ class RunConfig:
 
         if self.model not in MODELS:
             bad("model", f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
-        if self.dataset not in DATASETS:
-            bad("dataset", f"unknown dataset {self.dataset!r}; choose one of {DATASETS}")
+        if self.dataset not in DATASETS and not is_user_data(self.dataset):
+            bad("dataset", f"unknown dataset {self.dataset!r}; choose one of {DATASETS}, or give "
+                "the path of a .npy/.npz file or of a folder of images")  # fmt: skip
         if self.binarize not in BINARIZE:
             bad("binarize", f"choose one of {BINARIZE}, got {self.binarize!r}")
         if self.dataset == "arcs" and self.binarize != "none":
@@ -245,6 +254,13 @@ def load_data(cfg: RunConfig, device):
         if cfg.test_limit:
             test = test.subset(cfg.test_limit)
         return train.to(device), test.to(device)
+    if is_user_data(cfg.dataset):
+        # Own data have no test split: the clustering is evaluated on the data it clusters.
+        train = load_user_data(cfg.dataset, limit=cfg.limit, device=device)
+        test = train
+        if cfg.binarize == "dynamic":
+            test = dataclasses.replace(test, x=binarize_fixed(test.x, seed=cfg.seed))
+        return train, test.subset(cfg.test_limit) if cfg.test_limit else test
     train = load_dataset(
         cfg.dataset, train=True, data_dir=cfg.data_dir, limit=cfg.limit, device=device
     )
@@ -463,7 +479,8 @@ def _run(cfg, out, device, start, log, stop):
     cpu0 = time.process_time() - (start or {}).get("cpu_s", 0.0)
     if start is None:
         write_json({**resolved_config(cfg, model, guide, device), "versions": package_versions(),
-                    "hardware": hardware(device)}, out / "config.json")  # fmt: skip
+                    "hardware": hardware(device), "data_dim": train.dim,
+                    "image_shape": train.image_shape}, out / "config.json")  # fmt: skip
         (out / "metrics.jsonl").write_text("")
         if cfg.init != "none" or cfg.pretrain_epochs:
             t_init = time.perf_counter()
@@ -591,7 +608,7 @@ def _train_epochs(
             last["rollbacks"] = trainer.rollbacks_total
             _append_row(out, last)
             checkpoint()
-            bar.set_postfix(loss=f"{last['train_loss']:.2f}", acc=f"{last['acc_hungarian']:.3f}")
+            bar.set_postfix(loss=f"{last['train_loss']:.2f}", acc=f"{last.get('acc_hungarian', math.nan):.3f}")
     return last
 
 
@@ -849,7 +866,7 @@ def load_run(run_dir, device="cpu"):
             IncompleteRunWarning,
             stacklevel=2,
         )
-    data_dim, image_shape = _data_shape(cfg)
+    data_dim, image_shape = _data_shape(cfg, run_dir)
     model, guide = build_model(cfg, data_dim, image_shape)
     model.load_state_dict(state["trainer"]["model"])
     guide.load_state_dict(state["trainer"]["guide"])
@@ -857,9 +874,13 @@ def load_run(run_dir, device="cpu"):
     return model, guide
 
 
-def _data_shape(cfg: RunConfig):
+def _data_shape(cfg: RunConfig, run_dir=None):
     shapes = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32)}
     if cfg.dataset == "arcs":
         return 2, None
+    if is_user_data(cfg.dataset):  # recorded in config.json by the run
+        saved = json.loads((Path(run_dir) / "config.json").read_text())
+        shape = saved.get("image_shape")
+        return saved["data_dim"], tuple(shape) if shape else None
     shape = shapes[cfg.dataset]
     return shape[0] * shape[1] * shape[2], shape
