@@ -38,7 +38,7 @@ from pyro_gmvae.run import RECIPES, RunConfig, hardware, read_metrics  # noqa: E
 
 # Settings a budget may override, with their types.
 OVERRIDES = {"epochs": int, "pretrain_epochs": int, "limit": int, "test_limit": int,
-             "latent_dim": int, "batch_size": int, "lr": float}  # fmt: skip
+             "latent_dim": int, "batch_size": int, "lr": float, "validation": int}  # fmt: skip
 
 
 def parse_args(argv=None):

@@ -306,6 +306,12 @@ def build_parser(prog="mnist_unsup.py") -> argparse.ArgumentParser:
         "per image; default: all); a resumed run keeps it",
     )
     g.add_argument(
+        "--validation",
+        type=int_at_least(1),
+        help="hold out the last N training images and evaluate on them instead of the test "
+        "split (to choose settings without the test labels)",
+    )
+    g.add_argument(
         "--binarize",
         choices=("dynamic", "none"),
         help="'dynamic': a fresh Bernoulli draw of every batch (both sources); "

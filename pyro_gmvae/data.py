@@ -335,7 +335,9 @@ def _as_items(array: np.ndarray, where) -> tuple[torch.Tensor, tuple | None]:
         if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
             x = x.permute(0, 3, 1, 2)  # channels last -> (N, C, H, W)
         return x.reshape(len(x), -1), tuple(x.shape[1:])
-    raise ValueError(f"{where}: expected rows (N, D) or images (N, H, W[, C]), got {tuple(x.shape)}")
+    raise ValueError(
+        f"{where}: expected rows (N, D) or images (N, H, W[, C]), got {tuple(x.shape)}"
+    )
 
 
 def _read_array_file(path: pathlib.Path):
@@ -346,7 +348,9 @@ def _read_array_file(path: pathlib.Path):
     labels = None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         keys = list(loaded.keys())
-        key = next((k for k in ("x", "X", "data") if k in keys), keys[0] if len(keys) == 1 else None)
+        key = next(
+            (k for k in ("x", "X", "data") if k in keys), keys[0] if len(keys) == 1 else None
+        )
         if key is None:
             raise ValueError(f"{path}: name the data 'x' (found {keys})")
         array = loaded[key]

@@ -106,6 +106,9 @@ class RunConfig:
     # Evaluate on the first N test points (None: all). A budget measure: every evaluation costs
     # K decoder passes per test point. It changes what metrics.jsonl holds, so not resumable.
     test_limit: int | None = None
+    # Hold out the last N training images and evaluate on them instead of the test split: for
+    # choosing settings with labels that are not the test set's.
+    validation: int | None = None
     binarize: str = "dynamic"
     device: str | None = None
     seed: int = 0
@@ -169,7 +172,9 @@ class RunConfig:
             bad("hidden", f"must be a positive integer or a list of them, got {self.hidden!r}")
         if isinstance(self.hidden, list) and self.model == "gmvae_w":
             bad("hidden", "gmvae_w takes one hidden width")
-        for name in ("limit", "test_limit", "latent_dim", "w_dim"):
+        if self.validation is not None and (self.dataset == "arcs" or is_user_data(self.dataset)):
+            bad("validation", "a validation split is carved from a named dataset's training split")
+        for name in ("limit", "test_limit", "latent_dim", "w_dim", "validation"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 bad(name, f"must be a positive integer, got {value!r}")
@@ -264,9 +269,19 @@ def load_data(cfg: RunConfig, device):
     train = load_dataset(
         cfg.dataset, train=True, data_dir=cfg.data_dir, limit=cfg.limit, device=device
     )
-    # Without binarisation the cut can happen at load time (SVHN's test split is 26k images).
-    early = None if cfg.binarize == "dynamic" else cfg.test_limit
-    test = load_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, limit=early, device=device)
+    if cfg.validation:
+        if cfg.validation >= len(train):
+            raise ValueError(
+                f"validation: {cfg.validation} images leave none of {len(train)} to train on"
+            )
+        n = len(train) - cfg.validation
+        test = dataclasses.replace(train, x=train.x[n:], labels=train.labels[n:])
+        train = train.subset(n)
+    else:
+        # Without binarisation the cut can happen at load time (SVHN's test split is 26k images).
+        early = None if cfg.binarize == "dynamic" else cfg.test_limit
+        test = load_dataset(cfg.dataset, train=False, data_dir=cfg.data_dir, limit=early,
+                            device=device)  # fmt: skip
     if cfg.binarize == "dynamic":
         # A fixed draw keeps test metrics free of binarisation noise between evaluations.
         test = dataclasses.replace(test, x=binarize_fixed(test.x, seed=cfg.seed))
@@ -608,7 +623,9 @@ def _train_epochs(
             last["rollbacks"] = trainer.rollbacks_total
             _append_row(out, last)
             checkpoint()
-            bar.set_postfix(loss=f"{last['train_loss']:.2f}", acc=f"{last.get('acc_hungarian', math.nan):.3f}")
+            bar.set_postfix(
+                loss=f"{last['train_loss']:.2f}", acc=f"{last.get('acc_hungarian', math.nan):.3f}"
+            )
     return last
 
 

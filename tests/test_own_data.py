@@ -42,11 +42,16 @@ def test_load_user_data_reads_arrays_and_image_folders(tmp_path):
     assert not plain.has_labels and (plain.labels == NO_LABEL).all()
     torch.testing.assert_close(plain.x, torch.tensor(images.reshape(90, 64) / 255.0).float())
     both = load_user_data(tmp_path / "xy.npz")
-    assert both.has_labels and torch.equal(both.x, plain.x) and both.labels.tolist() == labels.tolist()
+    assert (
+        both.has_labels and torch.equal(both.x, plain.x) and both.labels.tolist() == labels.tolist()
+    )
     folder = load_user_data(tmp_path / "folder")
     assert folder.x.shape == (20, 64) and folder.has_labels
     assert sorted(set(folder.labels.tolist())) == [0, 1]
-    for bad, message in [(tmp_path / "nothing", "no such"), (tmp_path / "x.txt", "expected a .npy")]:
+    for bad, message in [
+        (tmp_path / "nothing", "no such"),
+        (tmp_path / "x.txt", "expected a .npy"),
+    ]:
         if bad.suffix:
             bad.write_text("1 2 3")
         with pytest.raises((ValueError, FileNotFoundError), match=message):
@@ -63,14 +68,18 @@ def test_the_main_job_trains_on_a_npy_file_and_predict_writes_its_clusters(tmp_p
     assert (out / "samples.png").exists() and not (out / "confusion.png").exists()
     saved = json.loads((out / "config.json").read_text())
     assert saved["data_dim"] == 64 and saved["image_shape"] == [1, 8, 8]
-    cli.console_main(["predict", str(out), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")])
+    cli.console_main(
+        ["predict", str(out), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")]
+    )
     table = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
     assert table.shape == (90, 1 + 3 + 2)  # cluster, 3 probabilities, 2 latent means
     _, guide = load_run(out)
     expected = cluster_probs(guide, images).argmax(-1).numpy()
     assert (table[:, 0].astype(int) == expected).all()
     np.testing.assert_allclose(table[:, 1:4].sum(1), 1.0, atol=1e-4)
-    cli.console_main(["predict", str(out), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npy")])
+    cli.console_main(
+        ["predict", str(out), str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.npy")]
+    )
     assert (np.load(tmp_path / "p.npy")[:, 0] == expected).all()
 
 

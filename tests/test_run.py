@@ -480,3 +480,19 @@ def test_a_small_mnist_run_and_load_run(tmp_path, monkeypatch):
     torch.testing.assert_close(
         cluster_probs(guide, test.x[:500]), cluster_probs(trainers[0].guide, test.x[:500])
     )
+
+
+def test_validation_split_is_carved_from_the_training_images(tmp_path, monkeypatch):
+    """--validation N trains on the first images and evaluates on the last N, never the test set."""
+    root = pathlib.Path(os.environ.get("PYRO_GMVAE_DATA") or "../shared/data")
+    if not (root / "MNIST" / "raw").is_dir():
+        pytest.skip("no MNIST in the data root")
+    cfg = RunConfig(dataset="mnist", data_dir=str(root), limit=300, validation=100, hidden=8,
+                    latent_dim=2, batch_size=50, epochs=1, progress=False, out=str(tmp_path))  # fmt: skip
+    train, held_out = R.load_data(cfg, torch.device("cpu"))
+    full = R.load_dataset("mnist", train=True, data_dir=str(root), limit=300)
+    assert len(train) == 200 and torch.equal(train.x, full.x[:200])
+    assert torch.equal(held_out.labels, full.labels[200:])
+    assert torch.equal(held_out.x, R.binarize_fixed(full.x[200:], seed=0))  # binarised once
+    with pytest.raises(ValueError, match="validation"):
+        dataclasses.replace(cfg, dataset="arcs", binarize="none").validate()
