@@ -232,15 +232,19 @@ def guide_codes(guide, x):
         return guide.encode(x).numpy()
 
 
-def test_initialise_is_reproducible_from_its_seed():
+@pytest.mark.parametrize("method", ["gmm", "umap"])
+def test_initialise_is_reproducible_from_its_seed(method):
     x, _ = mixture_data()
     states = []
-    for _ in range(2):
+    for draw in range(2):
         torch.manual_seed(123)  # the networks' initial weights
-        model = make_model("gmvae", data_dim=12, k=K, z_dim=2, hidden=(16,), learn_weights=True)
+        model = make_model("gmvae", data_dim=12, k=K, z_dim=2, hidden=(16,), learn_weights=True,
+                           covariance="full")  # fmt: skip
         guide = make_guide("vade", model)
-        torch.manual_seed(999)  # global RNG state that initialise must not depend on
-        initialise(model, guide, x.float(), "gmm", pretrain_epochs=2, batch_size=50, seed=7)
+        torch.manual_seed(999 + draw)  # global RNG state that initialise must not depend on
+        np.random.seed(draw)
+        initialise(model, guide, x.float(), method, pretrain_epochs=2, batch_size=50, seed=7,
+                   umap_neighbors=10)  # fmt: skip
         states.append({**model.state_dict(), **guide.state_dict()})
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], rtol=0, atol=0)
