@@ -55,6 +55,7 @@ from benchmarks.reference import has_naive_variant, reference_loss  # noqa: E402
 from pyro_gmvae import make_guide, make_model  # noqa: E402
 from pyro_gmvae.estimators import make_estimator  # noqa: E402
 from pyro_gmvae.nets import set_validation, validation_enabled  # noqa: E402
+from pyro_gmvae.run import git_commit  # noqa: E402
 from pyro_gmvae.train import make_optimizer  # noqa: E402
 
 MODEL_NAMES = ("m2", "modified_m2", "gmvae", "gmvae_w")
@@ -422,19 +423,6 @@ def cpu_model_name():
     except (OSError, subprocess.SubprocessError):
         pass
     return platform.processor() or platform.machine()
-
-
-def git_commit():
-    """The repository's commit, with "+changes" when the working tree differs; None outside git."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+changes" if dirty else "")
 
 
 def metadata(args, device):

@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_step import git_commit  # noqa: E402
 from pyro_gmvae.compare import run_or_reuse  # noqa: E402
-from pyro_gmvae.run import RECIPES, RunConfig, hardware, read_metrics  # noqa: E402
+from pyro_gmvae.run import RECIPES, RunConfig, git_commit, hardware, read_metrics  # noqa: E402
 
 # Settings a budget may override, with their types.
 OVERRIDES = {"epochs": int, "pretrain_epochs": int, "limit": int, "test_limit": int,
@@ -51,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--runs-dir", default="runs/quality", help="where the run directories go")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--hidden", help="hidden widths, e.g. 16 or 500,500,2000 (smoke runs)")
+    p.add_argument("--commit", help="the commit finished runs were trained at, for runs whose "
+                   "config.json predates its record of it (default: the current one)")  # fmt: skip
     for name, kind in OVERRIDES.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help="overrides the recipe's")
     args = p.parse_args(argv)
@@ -79,6 +80,7 @@ def train_one(cfg: RunConfig) -> dict:
     """Train (or reuse) one run; return its record."""
     summary, _ = run_or_reuse(cfg)
     rows = read_metrics(cfg.out)
+    saved = json.loads((Path(cfg.out) / "config.json").read_text())
     init = rows[0] if rows and rows[0]["epoch"] == 0 else {}
     return {
         "recipe": cfg.recipe, "dataset": cfg.dataset, "seed": cfg.seed, "epochs": cfg.epochs,
@@ -89,6 +91,7 @@ def train_one(cfg: RunConfig) -> dict:
         # The training objective is −ELBO per point for these recipes (no β, no free bits).
         "train_elbo": -summary["train_loss"], "test_elbo": summary["test_elbo"],
         "init_acc_hungarian": init.get("acc_hungarian"), "run_dir": cfg.out,
+        "commit": saved.get("versions", {}).get("git_commit"),
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
 
@@ -144,7 +147,8 @@ def main(argv=None):
         argv if argv is not None else sys.argv[1:]
     )
     for r in records:
-        r.update(commit=commit, command=command, hardware=hardware_line())
+        r.update(command=command, hardware=hardware_line())
+        r["commit"] = r["commit"] or args.commit or commit
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"quality_{args.dataset}.json"

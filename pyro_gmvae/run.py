@@ -314,6 +314,22 @@ def build_model(cfg: RunConfig, data_dim: int, image_shape=None):
     return model, make_guide(cfg.guide, model)
 
 
+def git_commit():
+    """The commit of the git checkout this package runs from, with "+changes" when its working
+    tree differs; None for an installed copy outside git."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if dirty else "")
+
+
 def package_versions() -> dict:
     import numpy
     import pyro
@@ -330,6 +346,7 @@ def package_versions() -> dict:
         "scipy": scipy.__version__,
         "sklearn": sklearn.__version__,
         "python": platform.python_version(),
+        "git_commit": git_commit(),
     }
 
 
