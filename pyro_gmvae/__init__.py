@@ -1,5 +1,6 @@
 """pyro-gmvae: deep unsupervised clustering with mixture variational autoencoders in Pyro."""
 
+from .clustering import GMVAEClustering
 from .gmvae import GMVAE
 from .gmvae_w import GMVAEW
 from .guides import GUIDES, make_guide
@@ -17,4 +18,14 @@ def make_model(name, **kwargs):
     return MODELS[name](**kwargs)
 
 
-__all__ = ["GMVAE", "GMVAEW", "GUIDES", "M2", "MODELS", "ModifiedM2", "make_guide", "make_model"]
+__all__ = [
+    "GMVAE",
+    "GMVAEClustering",
+    "GMVAEW",
+    "GUIDES",
+    "M2",
+    "MODELS",
+    "ModifiedM2",
+    "make_guide",
+    "make_model",
+]
