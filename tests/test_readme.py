@@ -25,3 +25,10 @@ def test_readme_training_example_runs(monkeypatch):
     probs = namespace["probs"]
     assert probs.shape == (2000, 10)
     assert float(namespace["loss"]) > 0  # −ELBO summed over a batch of binary images
+
+
+def test_readme_pipeline_example_runs():
+    (example,) = [b for b in python_blocks() if "GMVAEClustering(n_clusters=10)" in b]
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert namespace["clusters"].shape == (1797,) and namespace["probs"].shape == (1797, 10)
