@@ -155,7 +155,11 @@ def umap_embedding(data, n_components, n_neighbors=30, seed=0) -> np.ndarray:
 
     n_neighbors = min(n_neighbors, len(data) - 1)
     emb = umap.UMAP(
-        n_neighbors=n_neighbors, min_dist=0.0, n_components=n_components, random_state=seed
+        n_neighbors=n_neighbors,
+        min_dist=0.0,
+        n_components=n_components,
+        random_state=seed,
+        n_jobs=1,  # a random_state makes UMAP single-threaded anyway; said, it does not warn
     ).fit_transform(np.asarray(data, dtype=np.float32))
     return (emb - emb.mean(0)) / emb.std(0)
 
