@@ -131,6 +131,25 @@ def table(records) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_table(records) -> str:
+    """Every run: its seed, scores, ELBOs, budget and commit; the ELBO-selected one marked."""
+    lines = [
+        "| recipe | seed | Hungarian acc. | NMI | ARI | after init | train ELBO | test ELBO "
+        "| CPU min | commit | selected by ELBO |",
+        "|" + "---|" * 11,
+    ]
+    for r in sorted(records, key=lambda r: (r["recipe"], r["seed"])):
+        init = r["init_acc_hungarian"]
+        lines.append(
+            f"| {r['recipe']} | {r['seed']} | {100 * r['acc_hungarian']:.2f} | {r['nmi']:.3f} "
+            f"| {r['ari']:.3f} | {'–' if init is None else f'{100 * init:.2f}'} "
+            f"| {r['train_elbo']:.2f} | {r['test_elbo']:.2f} | {(r['cpu_s'] or 0) / 60:.1f} "
+            f"| {(r['commit'] or '?')[:7]}{'+' if '+' in (r['commit'] or '') else ''} "
+            f"| {'yes' if r['selected_by_elbo'] else ''} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     commit = git_commit()  # now: the code the runs import, whatever is committed meanwhile
@@ -162,7 +181,7 @@ def main(argv=None):
     md = (
         f"{args.dataset}, K = 10, train on the training split, test on the test split; one CPU "
         "thread per seed (CPU minutes: the process's CPU time). Commands and commits per recipe: "
-        f"{path.name}\n\n" + table(records)
+        f"{path.name}\n\n" + table(records) + "\n" + seed_table(records)
     )
     (out / f"quality_{args.dataset}.md").write_text(md)
     print(md)
