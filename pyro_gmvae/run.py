@@ -9,6 +9,7 @@ hardware). ``resume=True`` continues from the checkpoint and reproduces, on CPU,
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -314,9 +315,11 @@ def build_model(cfg: RunConfig, data_dim: int, image_shape=None):
     return model, make_guide(cfg.guide, model)
 
 
+@functools.cache
 def git_commit():
     """The commit of the git checkout this package runs from, with "+changes" when its working
-    tree differs; None for an installed copy outside git."""
+    tree differs; None for an installed copy outside git. Read once, when this module is
+    imported (the code a process runs), not again when the checkout moves on."""
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
@@ -328,6 +331,9 @@ def git_commit():
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+changes" if dirty else "")
+
+
+git_commit()  # at import: the commit of the code this process loaded
 
 
 def package_versions() -> dict:
