@@ -66,6 +66,29 @@ def elbo(model, guide, x, batch_size=1000, num_particles=1) -> float:
 
 
 @torch.no_grad()
+def elbo_per_point(model, guide, x):
+    r"""The ELBO of each row of x (B,), the cluster summed exactly, one draw of z per point.
+
+    What ``TraceEnum_ELBO`` computes for the whole batch, kept per point: the guide runs with
+    its cluster site enumerated in parallel (values (K, 1, K)), the model replays it, and
+
+    .. math::
+        \mathrm{ELBO}(x) = \sum_y q(y \mid \cdot) \big[\log p(x, y, z) - \log q(y, z \mid x)\big]
+
+    with every site's log-density broadcast to (K, B). This holds for any guide that samples
+    the cluster itself (VaDE's q(y|x,z), Shu's q(y|x), the flows, ``relaxed`` in eval mode).
+    """
+    guide_trace = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x)
+    guide_trace.compute_log_prob()
+    model_trace.compute_log_prob()
+    log_p = sum(site["log_prob"] for site in model_trace.nodes.values() if site["type"] == "sample")
+    log_q = sum(site["log_prob"] for site in guide_trace.nodes.values() if site["type"] == "sample")
+    log_q_y = guide_trace.nodes[guide.cluster_site]["log_prob"]  # (K, B)
+    return (log_q_y.exp() * (log_p - log_q)).sum(0)
+
+
+@torch.no_grad()
 def iw_log_likelihood(model, guide, x, num_samples=100, batch_size=100) -> float:
     r"""Importance-weighted bound on log p(x), nats per data point, with the cluster summed exactly.
 

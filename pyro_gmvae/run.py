@@ -36,7 +36,7 @@ from .data import (
 from .estimators import ESTIMATORS
 from .evaluate import evaluate, iw_log_likelihood
 from .guides import GUIDE_FITS, GUIDES, make_guide
-from .init import INIT_METHODS, initialise
+from .init import INIT_METHODS, autoencoder_loss, initialise
 from .nets import set_validation
 from .train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule, resolve_device
 
@@ -686,8 +686,6 @@ def describe_plan(cfg: RunConfig, trainer, train, done_epochs=0) -> str:
     The estimate times two SVI steps (and two pretraining batches) on this machine without
     changing any state: parameters, gradients, estimator state and RNG streams are restored.
     """
-    from .init import autoencoder_loss  # the pretraining loss, timed as it will run
-
     x = train.x[: cfg.batch_size]
     xb = torch.bernoulli(x) if cfg.binarize == "dynamic" else x
     state = trainer.estimator.state_dict()
