@@ -41,16 +41,13 @@ class MixtureVAE(nn.Module):
         return self.cluster_logits.log_softmax(-1)
 
     def sample_cluster(self) -> torch.Tensor:
-        """Sample the cluster site y ~ Cat(1/K), one-hot, inside the model's data plate.
+        """Sample the cluster site y ~ p(y), one-hot, inside the model's data plate.
 
-        Marked for parallel enumeration, so TraceEnum_ELBO sums it out exactly: its value then has
-        a leading enumeration dim, (K, 1, K), unless the guide supplies it (replayed).
+        No inference choice is made here: where the objective sums y exactly, the estimator
+        marks it for parallel enumeration (``config_enumerate``), and its value then has a
+        leading enumeration dim, (K, 1, K), unless the guide supplies it (replayed).
         """
-        return pyro.sample(
-            self.cluster_site,
-            dist.OneHotCategorical(logits=self.cluster_logits),
-            infer={"enumerate": "parallel"},
-        )
+        return pyro.sample(self.cluster_site, dist.OneHotCategorical(logits=self.cluster_logits))
 
     def prepare(self, x) -> torch.Tensor:
         """``x`` converted for this model (see :func:`~pyro_gmvae.nets.prepare_data`)."""

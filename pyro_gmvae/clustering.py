@@ -103,26 +103,6 @@ def _isolated(seed=None):
             set_rng_state(rng)
 
 
-def _narrow_posterior(guide, x, fraction=0.1):
-    """Start q(z|x) with a standard deviation of ``fraction`` of the codes' spread per dimension.
-
-    Pretraining fits only the encoder mean; the variance head keeps its random weights, which
-    give q(z|x) a standard deviation of about 0.8, as wide as the whole standardised UMAP
-    embedding. SVI then starts from z's that say little about x (digits, seed 0: an ELBO of
-    -342 nats against -56 narrowed) and on small data the mixture collapses to a few clusters
-    before the encoder recovers. Narrowed, SVI starts where the initialisation left off.
-    """
-    head = getattr(guide, "z_head", None)
-    if head is None:
-        return
-    codes = encode_all(guide, x)
-    variance = (fraction**2 * codes.var(dim=0)).clamp_min(2 * head.min_var)
-    with torch.no_grad():
-        head.var.weight.zero_()
-        # positive(raw) = softplus(raw) + floor, so raw = softplus⁻¹(var - floor).
-        head.var.bias.copy_(torch.log(torch.expm1(variance - head.min_var)))
-
-
 class GMVAEClustering(
     ClusterMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 ):
@@ -393,7 +373,6 @@ class GMVAEClustering(
             report = initialise(
                 model, guide, x, method=self.init, pretrain_epochs=self.pretrain_epochs, seed=seed
             )
-            _narrow_posterior(guide, x)
         generator = torch.Generator(device=self.device_).manual_seed(seed)
         binarize = "dynamic" if self.likelihood_ == "bernoulli" else "none"
         batch_size = min(self.batch_size, x.shape[0])

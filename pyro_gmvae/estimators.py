@@ -28,8 +28,10 @@ API used by the trainer: ``make_estimator(name, model, guide, num_particles)`` a
 returned :class:`Estimator`, ``loss`` / ``loss_and_grads`` (a detached loss tensor: no host
 sync), ``check_cluster_objective(kl_weight, free_bits)`` (a KL weight or free bits are refused
 by the estimators whose gradients they would silently corrupt), ``state_dict`` /
-``load_state_dict`` (``graph`` keeps its baseline there), and the flags ``fixed_batch_size``,
-``supports_cluster_objective``, ``samples_cluster``.
+``load_state_dict`` (``graph`` keeps its baseline there), and the flags
+``supports_cluster_objective`` and ``enumerates_cluster`` (the exact estimators mark the discrete
+sites for parallel enumeration with Pyro's ``config_enumerate`` where the ELBO is built; the
+models and guides make no inference choice).
 """
 
 import math
@@ -39,19 +41,21 @@ import pyro
 import pyro.distributions as dist
 import pyro.infer
 import torch
+from pyro.infer import config_enumerate
 from pyro.infer.enum import get_importance_trace
-from pyro.infer.rws import ReweightedWakeSleep
-from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.tracetmc_elbo import _compute_tmc_factors
-from pyro.infer.util import compute_site_dice_factor, is_identically_zero
-from pyro.ops.contract import einsum
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 
 from .guides import GMVAEWGuide, RelaxClusterPrior
+from .pyro_internals import (
+    PointwiseRWS,
+    TraceELBO,
+    TraceGraph,
+    TraceTMC,
+    baseline_param_name,
+    require_data_plate,
+)
 
-# The factor site that objectives.cluster_objective adds to the guide for free bits.
-_FREE_BITS_SITE = "cluster_kl_penalty"
 _DISCRETE = (dist.OneHotCategorical, dist.Categorical)
 _RELAXED = (dist.RelaxedOneHotCategorical, dist.RelaxedBernoulli)
 
@@ -88,8 +92,8 @@ class ClusterGuard(Messenger):
     """Checks, and configures for one estimator, the guide's cluster site.
 
     ``mode`` is "enumerated" (the cluster must be discrete: summed exactly), "sampled" (discrete,
-    and its ``enumerate`` flag is removed so it is drawn from q(y|x); ``baseline`` adds TraceGraph
-    baseline options) or "relaxed" (it must be reparameterised; its temperature is recorded).
+    drawn from q(y|x); ``baseline`` adds TraceGraph baseline options) or "relaxed" (it must be
+    reparameterised; its temperature is recorded).
     ``refuse_objective`` raises when :func:`~pyro_gmvae.objectives.cluster_objective` has scaled,
     masked or thresholded the cluster term, which the estimator's gradient cannot carry.
     """
@@ -112,21 +116,18 @@ class ClusterGuard(Messenger):
         return isinstance(_base(msg["fn"]), _DISCRETE + _RELAXED)  # unknown name: go by type
 
     def _process_message(self, msg):
-        if msg["name"] == _FREE_BITS_SITE and self.refuse_objective:
-            raise ValueError(self.estimator._objective_error())
         if not self._is_cluster(msg):
             return
         self.seen, self.site_name = True, msg["name"]
         fn, name = _base(msg["fn"]), self.estimator.name
         relaxed = bool(getattr(msg["fn"], "has_rsample", False))
         if self.mode == "relaxed":
-            if not relaxed or msg["infer"].get("enumerate"):
+            if not relaxed:
                 raise ValueError(
                     f"estimator {name!r} needs a guide whose cluster site {msg['name']!r} is a "
                     f"reparameterised RelaxedOneHotCategorical (a relaxed guide); this guide's is "
-                    f"{type(fn).__name__}"
-                    + (" (enumerated)" if msg["infer"].get("enumerate") else "")
-                    + " (the relaxed guide enumerates y in eval mode: evaluate with 'enum')"
+                    f"{type(fn).__name__} (the relaxed guide is discrete in eval mode: evaluate "
+                    "with 'enum')"
                 )
             self.temperature = getattr(fn, "temperature", None)
             return
@@ -135,11 +136,8 @@ class ClusterGuard(Messenger):
                 f"estimator {name!r} needs a discrete cluster site in the guide, but {msg['name']!r} "
                 f"is a relaxed (continuous) {type(fn).__name__}; use estimator 'relaxed' with it"
             )
-        if self.mode == "sampled":
-            # Trace_ELBO, TraceGraph_ELBO and RWS cannot enumerate: draw y from q(y|x) instead.
-            msg["infer"] = {**msg["infer"], "enumerate": None}
-            if self.baseline is not None:
-                msg["infer"]["baseline"] = dict(self.baseline)
+        if self.mode == "sampled" and self.baseline is not None:
+            msg["infer"] = {**msg["infer"], "baseline": dict(self.baseline)}
 
     def _postprocess_message(self, msg):
         if not self._is_cluster(msg):
@@ -177,12 +175,11 @@ class Estimator:
     or free bits (:mod:`~pyro_gmvae.objectives`).
     """
 
-    #: True if every batch must have the same size (none here: enum-jit compiles per shape).
-    fixed_batch_size = False
     #: True if objectives.cluster_objective (KL weight β, free bits λ) may wrap model and guide.
     supports_cluster_objective = True
-    #: True if the guide's cluster site is sampled rather than summed (its enumerate flag removed).
-    samples_cluster = False
+    #: True if the objective sums the cluster exactly: its discrete sites are then enumerated in
+    #: parallel (Pyro's ``config_enumerate``, applied here rather than in the models and guides).
+    enumerates_cluster = True
     #: Cluster placements (see :func:`cluster_placement`) this estimator refuses, with the reason.
     refused_placements: dict = {}
     _guard_mode = "enumerated"
@@ -251,9 +248,19 @@ class Estimator:
         return ClusterGuard(self, self.cluster_site, self._guard_mode,
                             refuse_objective=not self.supports_cluster_objective, **kw)  # fmt: skip
 
+    def _configure(self, model, guide, guard=None):
+        """(model, guide) as this objective runs them: the guide checked by ``guard`` and, for
+        the exact estimators, every discrete site of both marked for parallel enumeration."""
+        guide = (guard or self._guard(guide))(guide)
+        if not self.enumerates_cluster:
+            return model, guide
+        # The model's cluster is enumerated when the guide leaves it there (model_enum), and
+        # replayed from the guide otherwise.
+        return config_enumerate(model, "parallel"), config_enumerate(guide, "parallel")
+
     def loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
-        return self.elbo.differentiable_loss(model, self._guard(guide)(guide), *args, **kwargs)
+        return self.elbo.differentiable_loss(*self._configure(model, guide), *args, **kwargs)
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         loss = self.loss(model, guide, *args, **kwargs)
@@ -266,10 +273,6 @@ class Estimator:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-class EnumEstimator(Estimator):
-    __doc__ = Estimator.__doc__
 
 
 class JitEnumEstimator(Estimator):
@@ -299,7 +302,7 @@ class JitEnumEstimator(Estimator):
 
     def loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
-        return self._plain.differentiable_loss(model, self._guard(guide)(guide), *args, **kwargs)
+        return self._plain.differentiable_loss(*self._configure(model, guide), *args, **kwargs)
 
     def loss_and_grads(self, model, guide, *args, **kwargs):
         self._check_call(guide)
@@ -307,53 +310,25 @@ class JitEnumEstimator(Estimator):
         if key != self._compiled_key:
             # The compiled closure keeps the first model and guide it saw, so a new pair (e.g. a
             # new KL weight) needs a new ELBO; the shape kwarg below makes one graph per shape.
-            def model_fn(*a, _shapes=None, **k):
-                return model(*a, **k)
+            configured_model, configured_guide = self._configure(model, guide)
 
-            guarded = self._guard(guide)(guide)
+            def model_fn(*a, _shapes=None, **k):
+                return configured_model(*a, **k)
 
             def guide_fn(*a, _shapes=None, **k):
-                return guarded(*a, **k)
+                return configured_guide(*a, **k)
 
             self._compiled_key, self._compiled = key, (self._make_elbo(), model_fn, guide_fn)
         elbo, model_fn, guide_fn = self._compiled
         shapes = tuple(tuple(a.shape) for a in args if torch.is_tensor(a))
         with warnings.catch_warnings():
-            # torch.jit.trace is deprecated on recent torch (FutureWarning); it still works.
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # Scoped to this call: torch.jit.trace, which JitTraceEnum_ELBO compiles with, is
+            # deprecated on recent torch (FutureWarning) and still works.
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             loss = elbo.differentiable_loss(model_fn, guide_fn, *args, _shapes=shapes, **kwargs)
             loss.backward()
         return loss.detach()
-
-
-class _TraceELBO(pyro.infer.Trace_ELBO):
-    """Trace_ELBO's particle loss without ``.item()`` (which would sync the device every step)."""
-
-    def loss_and_surrogate(self, model, guide, args, kwargs):
-        loss, surrogate = 0.0, 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            elbo, surr = 0.0, 0.0
-            for site in model_trace.nodes.values():
-                if site["type"] == "sample":
-                    elbo = elbo + site["log_prob_sum"]
-                    surr = surr + site["log_prob_sum"]
-            log_r = None
-            for site in guide_trace.nodes.values():
-                if site["type"] != "sample":
-                    continue
-                _, score_function, entropy = site["score_parts"]
-                elbo = elbo - site["log_prob_sum"]
-                if not is_identically_zero(entropy):
-                    surr = surr - entropy.sum()
-                if not is_identically_zero(score_function):
-                    # REINFORCE term: ∇log q(y) times the (plate-local) detached log p/q.
-                    if log_r is None:
-                        log_r = _compute_log_r(model_trace, guide_trace)
-                    surr = surr + (log_r.sum_to(site["cond_indep_stack"]) * score_function).sum()
-            loss = loss - elbo / self.num_particles
-            surrogate = surrogate - surr / self.num_particles
-        return loss, surrogate
 
 
 def _value_with_grad_of(value, surrogate):
@@ -370,14 +345,13 @@ class ScoreEstimator(Estimator):
 
     the score-function (REINFORCE; Williams 1992, Ranganath et al. 2014 "Black box variational
     inference") estimator: unbiased, no baseline, variance growing with the spread of the
-    per-point ELBO; one decoder pass per draw instead of K. The guide's ``enumerate`` flag on
-    the cluster site is removed by :class:`ClusterGuard`. Refuses guides that leave the cluster
+    per-point ELBO; one decoder pass per draw instead of K. Refuses guides that leave the cluster
     to the model (``model_enum``: nothing to sample) and relaxed guides, and a KL weight or free
     bits (scaling or masking log q(y|x) would scale or remove its score term).
     """
 
     supports_cluster_objective = False
-    samples_cluster = True
+    enumerates_cluster = False
     refused_placements = {
         "model": "the cluster is enumerated in the model, and this estimator samples it from the "
         "guide; use a guide that samples the cluster (for gmvae_w: 'exact_posterior')"
@@ -386,7 +360,7 @@ class ScoreEstimator(Estimator):
 
     def _make_elbo(self):
         m = self.num_particles
-        return _TraceELBO(max_plate_nesting=1, num_particles=m, vectorize_particles=m > 1)
+        return TraceELBO(max_plate_nesting=1, num_particles=m, vectorize_particles=m > 1)
 
     def _loss_and_surrogate(self, model, guide, args, kwargs):
         self._check_call(guide)
@@ -424,20 +398,15 @@ class GraphEstimator(ScoreEstimator):
             raise ValueError(f"baseline_beta must be in [0, 1), got {baseline_beta}")
         self.baseline_beta = baseline_beta
         super().__init__(*args, **kwargs)
-        self._score = _TraceELBO(max_plate_nesting=1, num_particles=self.num_particles,
+        self._score = TraceELBO(max_plate_nesting=1, num_particles=self.num_particles,
                                  vectorize_particles=self.num_particles > 1)  # fmt: skip
 
     def _make_elbo(self):
         m = self.num_particles
-        return pyro.infer.TraceGraph_ELBO(
-            max_plate_nesting=1, num_particles=m, vectorize_particles=m > 1
-        )
-
-    def _baseline_name(self, site):
-        return "__baseline_avg_downstream_cost_" + site  # where TraceGraph_ELBO keeps it
+        return TraceGraph(max_plate_nesting=1, num_particles=m, vectorize_particles=m > 1)
 
     def _collapse_baseline(self, msg):
-        store, name = pyro.get_param_store(), self._baseline_name(msg["name"])
+        store, name = pyro.get_param_store(), baseline_param_name(msg["name"])
         self._site = msg["name"]
         if name in store:
             value = store[name].detach()
@@ -454,7 +423,7 @@ class GraphEstimator(ScoreEstimator):
         self._check_call(guide)
         baseline = {"use_decaying_avg_baseline": True, "baseline_beta": self.baseline_beta}
         guard = self._guard(guide, baseline=baseline)
-        elbo, surrogate = self.elbo._loss_and_surrogate_loss(model, guard(guide), args, kwargs)
+        elbo, surrogate = self.elbo.elbo_and_surrogate(model, guard(guide), args, kwargs)
         self._require_seen(guard)
         surrogate.backward()
         return (-elbo).detach()
@@ -462,14 +431,14 @@ class GraphEstimator(ScoreEstimator):
     def state_dict(self):
         site = getattr(self, "_site", None)
         store = pyro.get_param_store()
-        if site is None or self._baseline_name(site) not in store:
+        if site is None or baseline_param_name(site) not in store:
             return {}
-        return {"site": site, "baseline": store[self._baseline_name(site)].detach().mean().clone()}
+        return {"site": site, "baseline": store[baseline_param_name(site)].detach().mean().clone()}
 
     def load_state_dict(self, state):
         if state:
             self._site = state["site"]
-            pyro.get_param_store()[self._baseline_name(state["site"])] = state["baseline"].clone()
+            pyro.get_param_store()[baseline_param_name(state["site"])] = state["baseline"].clone()
 
 
 class RelaxedEstimator(Estimator):
@@ -489,7 +458,7 @@ class RelaxedEstimator(Estimator):
     """
 
     refused_placements = {"model": "the cluster is enumerated in the model; use a relaxed guide"}
-    samples_cluster = True
+    enumerates_cluster = False
     _guard_mode = "relaxed"
 
     def __init__(self, *args, prior_temperature=None, **kwargs):
@@ -500,7 +469,7 @@ class RelaxedEstimator(Estimator):
 
     def _make_elbo(self):
         m = self.num_particles
-        return _TraceELBO(max_plate_nesting=1, num_particles=m, vectorize_particles=m > 1)
+        return TraceELBO(max_plate_nesting=1, num_particles=m, vectorize_particles=m > 1)
 
     def loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
@@ -552,52 +521,6 @@ _UNTRAINED_ENCODER = (
 )
 
 
-def _tmc_dice_factors(model_trace, guide_trace):
-    """TraceTMC_ELBO's DiCE factors, without one for an exhaustively enumerated model site.
-
-    Pyro 1.9's version also gives such a site (c of gmvae_w with guide ``model_enum``) a DiCE
-    factor log p(c) on top of its log-prob factor, so the bound sums p(c)² instead of p(c)
-    (with a uniform prior: off by log K per point). Its log-prob factor is its whole weight.
-    """
-    log_probs = []
-    for role, trace in (("model", model_trace), ("guide", guide_trace)):
-        for name, site in trace.nodes.items():
-            if site["type"] != "sample" or site["is_observed"]:
-                continue
-            if role == "model" and name in guide_trace:
-                continue
-            enumerated = site["infer"].get("enumerate") and site["infer"].get("num_samples") is None
-            if role == "model" and enumerated:
-                continue
-            log_prob, log_denom = compute_site_dice_factor(site)
-            if not is_identically_zero(log_denom):
-                dims = log_prob._pyro_dims
-                log_prob = log_prob - log_denom
-                log_prob._pyro_dims = dims
-            if not is_identically_zero(log_prob):
-                log_probs.append(log_prob)
-    return log_probs
-
-
-class _TraceTMC(pyro.infer.TraceTMC_ELBO):
-    """TraceTMC_ELBO with :func:`_tmc_dice_factors` (the contraction is Pyro's own)."""
-
-    def differentiable_loss(self, model, guide, *args, **kwargs):
-        elbo = 0.0
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-            factors = _compute_tmc_factors(model_trace, guide_trace)
-            factors += _tmc_dice_factors(model_trace, guide_trace)
-            eqn = ",".join(f._pyro_dims for f in factors) + "->"
-            plates = "".join(
-                frozenset(model_trace.plate_to_symbol.values())
-                | frozenset(guide_trace.plate_to_symbol.values())
-            )
-            (tmc,) = einsum(eqn, *factors, plates=plates, backend="pyro.ops.einsum.torch_log",
-                            modulo_total=False)  # fmt: skip
-            elbo = elbo + tmc
-        return -elbo / self.num_particles
-
-
 class TMCEstimator(Estimator):
     r"""``tmc``: the tensor Monte Carlo bound (Aitchison 2019; TraceTMC_ELBO).
 
@@ -612,7 +535,7 @@ class TMCEstimator(Estimator):
     only guides without their own cluster encoder: gmvae_w's ``exact_posterior`` (q(c) is the
     model's exact posterior, trained through the model's terms) and ``model_enum``. The
     mean-field guide's q(y|x) would get zero gradient: refused. No KL weight or free bits.
-    Pyro's TraceTMC_ELBO counts a model-enumerated cluster's prior twice; :class:`_TraceTMC`
+    Pyro's TraceTMC_ELBO counts a model-enumerated cluster's prior twice; :class:`~pyro_gmvae.pyro_internals.TraceTMC`
     fixes that (the test checks the bound against a hand computation).
     """
 
@@ -620,26 +543,15 @@ class TMCEstimator(Estimator):
     refused_placements = {"learned": _UNTRAINED_ENCODER}
 
     def _make_elbo(self):
-        return _TraceTMC(max_plate_nesting=1)
+        return TraceTMC(max_plate_nesting=1)
 
     def loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
-        guide = self._guard(guide)(guide)
+        model, guide = self._configure(model, guide)
         if self.num_particles > 1:
+            # After config_enumerate (inner): the cluster is summed, the rest drawn S times.
             guide = _ParticleSamples(self.num_particles)(guide)
         return self.elbo.differentiable_loss(model, guide, *args, **kwargs)
-
-
-class _SiteLogProbs:
-    """Per-(particle, data point) log-probs of a trace's sites, shape (..., S, B)."""
-
-    @staticmethod
-    def check_plated(site, estimator):
-        if not any(f.dim == -1 for f in site["cond_indep_stack"]):
-            raise ValueError(
-                f"estimator {estimator!r} weights each data point separately and needs every site "
-                f"inside the data plate (dim -1); site {site['name']!r} is not"
-            )
 
 
 class IWAEEnumEstimator(Estimator):
@@ -669,21 +581,21 @@ class IWAEEnumEstimator(Estimator):
     def loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
         s = self.num_particles
-        guard = self._guard(guide)
+        model_fn, guide_fn = self._configure(model, guide)
         particles = pyro.plate("iwae_particles", s, dim=-2)
         # As TraceTMC_ELBO: the guide enumerates from dim -3; the model continues its allocation.
-        guide_fn = EnumMessenger(first_available_dim=-3)(particles(guard(guide)))
-        model_fn = EnumMessenger()(pyro.plate("iwae_particles", s, dim=-2)(model))
+        guide_fn = EnumMessenger(first_available_dim=-3)(particles(guide_fn))
+        model_fn = EnumMessenger()(pyro.plate("iwae_particles", s, dim=-2)(model_fn))
         model_trace, guide_trace = get_importance_trace("flat", 2, model_fn, guide_fn, args, kwargs)
         log_w, cluster = 0.0, None
         for site in model_trace.nodes.values():
             if site["type"] == "sample":
-                _SiteLogProbs.check_plated(site, self.name)
+                require_data_plate(site, self.name)
                 log_w = log_w + site["log_prob"]
         for site in guide_trace.nodes.values():
             if site["type"] != "sample" or site["is_observed"]:
                 continue
-            _SiteLogProbs.check_plated(site, self.name)
+            require_data_plate(site, self.name)
             if site["infer"].get("_enumerate_dim") is not None:
                 cluster = site  # summed exactly: its q is not part of the weight
                 continue
@@ -716,33 +628,6 @@ def cluster_placement_of(estimator, guide):
     return placement if placement is not None else estimator._placement
 
 
-class _PointwiseRWS(ReweightedWakeSleep):
-    """ReweightedWakeSleep with importance weights per data point (Pyro's weight whole batches)."""
-
-    def losses(self, model, guide, args, kwargs, exclude_from_phi=()):
-        s = self.num_particles
-        model_trace, guide_trace = next(iter(self._get_traces(model, guide, args, kwargs)))
-        log_p, log_q, log_q_phi = 0.0, 0.0, 0.0
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample":
-                _SiteLogProbs.check_plated(site, "rws")
-                log_p = log_p + site["log_prob"]
-        for site in guide_trace.nodes.values():
-            if site["type"] == "sample" and not site["is_observed"]:
-                _SiteLogProbs.check_plated(site, "rws")
-                log_q = log_q + site["log_prob"]
-                if site["name"] not in exclude_from_phi:
-                    log_q_phi = log_q_phi + site["log_prob"]
-        # The traces are detached: wake-theta moves the model, wake-phi the guide.
-        log_w = log_p - log_q.detach()
-        log_w = log_w.expand(s, log_w.shape[-1])
-        log_sum = log_w.logsumexp(0)
-        wake_theta = -(log_sum - math.log(s)).sum()
-        weights = (log_w - log_sum).exp().detach()
-        wake_phi = -(weights * log_q_phi).sum()
-        return wake_theta, wake_phi
-
-
 class RWSEstimator(Estimator):
     r"""``rws``: reweighted wake-sleep (Bornschein & Bengio 2015; Le et al. 2019), y sampled.
 
@@ -760,7 +645,7 @@ class RWSEstimator(Estimator):
     """
 
     supports_cluster_objective = False
-    samples_cluster = True
+    enumerates_cluster = False
     refused_placements = ScoreEstimator.refused_placements
     _guard_mode = "sampled"
 
@@ -769,7 +654,7 @@ class RWSEstimator(Estimator):
             raise ValueError(
                 f"estimator 'rws' needs num_particles (importance samples S) >= 2, got {self.num_particles}"
             )
-        return _PointwiseRWS(num_particles=self.num_particles, insomnia=1.0, max_plate_nesting=1,
+        return PointwiseRWS(num_particles=self.num_particles, insomnia=1.0, max_plate_nesting=1,
                              vectorize_particles=True)  # fmt: skip
 
     def loss(self, model, guide, *args, **kwargs):
@@ -787,7 +672,7 @@ class RWSEstimator(Estimator):
 
 
 ESTIMATORS = {
-    "enum": EnumEstimator,
+    "enum": Estimator,
     "enum-jit": JitEnumEstimator,
     "score": ScoreEstimator,
     "graph": GraphEstimator,

@@ -6,7 +6,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
-from pyro.infer import TraceEnum_ELBO
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 
 from .metrics import clustering_report
 from .nets import prepare_data
@@ -58,10 +58,12 @@ def elbo(model, guide, x, batch_size=1000, num_particles=1) -> float:
     estimator = TraceEnum_ELBO(
         max_plate_nesting=1, num_particles=num_particles, vectorize_particles=num_particles > 1
     )
+    # The cluster is summed exactly: its sites are enumerated in parallel, in model and guide.
+    model_fn, guide_fn = config_enumerate(model.model), config_enumerate(guide)
     total = 0.0
     with _EvalMode(model, guide):
         for b in _batches(x, batch_size):
-            total -= estimator.loss(model.model, guide, b)
+            total -= estimator.loss(model_fn, guide_fn, b)
     return total / x.shape[0]
 
 
@@ -78,7 +80,8 @@ def elbo_per_point(model, guide, x):
     with every site's log-density broadcast to (K, B). This holds for any guide that samples
     the cluster itself (VaDE's q(y|x,z), Shu's q(y|x), the flows, ``relaxed`` in eval mode).
     """
-    guide_trace = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x)
+    enumerated = poutine.enum(config_enumerate(guide), first_available_dim=-2)
+    guide_trace = poutine.trace(enumerated).get_trace(x)
     model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x)
     guide_trace.compute_log_prob()
     model_trace.compute_log_prob()

@@ -182,13 +182,8 @@ class MeanFieldGuide(nn.Module):
         return dist.Normal(*self.z_params(x, y)).to_event(1)
 
     def sample_cluster(self, x):
-        # Enumerated in parallel: y is (K, 1, K) here and z gets shape (K, B, z_dim).
-        logits = self.cluster_logits(x)
-        return pyro.sample(
-            self.cluster_site,
-            dist.OneHotCategorical(logits=logits),
-            infer={"enumerate": "parallel"},
-        )
+        # Enumerated in parallel by the exact estimators: y is then (K, 1, K), z (K, B, z_dim).
+        return pyro.sample(self.cluster_site, dist.OneHotCategorical(logits=self.cluster_logits(x)))
 
     def forward(self, x):
         self._check(x)
@@ -313,7 +308,7 @@ class RelaxedGuide(FlowGuide):
         if not self.training:
             # Evaluation scores the discrete model: y ~ q(y|x), enumerated as in MeanFieldGuide.
             return super().sample_cluster(x)
-        # No "enumerate" flag: the relaxed y is continuous, sampled with a reparameterised draw.
+        # The relaxed y is continuous: a reparameterised draw, never enumerated.
         return pyro.sample(self.cluster_site, self.cluster_dist(x))
 
 
@@ -340,8 +335,6 @@ class RelaxClusterPrior(Messenger):
         tau = torch.as_tensor(tau, dtype=base.logits.dtype, device=base.logits.device)
         relaxed = dist.RelaxedOneHotCategoricalStraightThrough(tau, logits=base.logits)
         msg["fn"] = relaxed.expand(fn.batch_shape)
-        # A relaxed cluster is continuous: it comes from the guide's sample, never enumerated.
-        msg["infer"] = {k: v for k, v in msg["infer"].items() if k != "enumerate"}
 
 
 def relax_cluster_prior(model_fn, site, temperature):
@@ -401,13 +394,9 @@ class VaDEGuide(nn.Module):
         pyro.module("guide", self)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", self.z_dist(x))
-            # q(y|x,z) = p(y|z) exactly; enumerated in parallel (K, 1, K), so Σ_y is exact.
+            # q(y|x,z) = p(y|z) exactly; enumerated in parallel (K, 1, K), Σ_y is exact.
             logits = self.model.cluster_log_posterior(z)
-            pyro.sample(
-                self.cluster_site,
-                dist.OneHotCategorical(logits=logits),
-                infer={"enumerate": "parallel"},
-            )
+            pyro.sample(self.cluster_site, dist.OneHotCategorical(logits=logits))
 
     @torch.no_grad()
     def cluster_probs(self, x):
@@ -461,9 +450,7 @@ class GMVAEWGuide(nn.Module):
             if self.cluster == "guide":
                 # q(c|x,w) = p(c|x,w) exactly: its weights make Σ_c the exact marginal over c.
                 logits = self.model.cluster_log_posterior(x, w)
-                pyro.sample(
-                    "c", dist.OneHotCategorical(logits=logits), infer={"enumerate": "parallel"}
-                )
+                pyro.sample("c", dist.OneHotCategorical(logits=logits))
 
     @torch.no_grad()
     def cluster_probs(self, obs):

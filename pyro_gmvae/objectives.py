@@ -16,18 +16,10 @@ al. 2016) with the KL taken as the minibatch mean: no gradient while the mean KL
 λ = 0 and β = 1 return the model and guide untouched (the plain ELBO).
 """
 
-import warnings
-
 import pyro
 import torch
+from pyro.poutine.indep_messenger import CondIndepStackFrame, IndepMessenger
 from pyro.poutine.messenger import Messenger
-
-# The penalty is one global term computed from plated samples (gmvae_w's posterior depends on the
-# sampled x, w). It has no enumerated dims and is reparameterised, so TraceEnum_ELBO's ordering
-# warning about it does not apply (the hand-computed tests check loss and gradients).
-warnings.filterwarnings(
-    "ignore", message='at guide site "cluster_kl_penalty", possibly invalid dependency'
-)
 
 
 def cluster_kl(fn, log_prior: torch.Tensor) -> torch.Tensor:
@@ -60,11 +52,15 @@ class RecordClusterKL(Messenger):
 
     def __init__(self, site: str, log_prior: torch.Tensor):
         super().__init__()
-        self.site, self.log_prior, self.kl = site, log_prior, None
+        self.site, self.log_prior, self.kl, self.plate = site, log_prior, None, None
 
     def _postprocess_message(self, msg):
         if msg["name"] == self.site and msg["type"] == "sample":
             self.kl = cluster_kl(msg["fn"], self.log_prior)
+            # The site's data plate (dim -1): the penalty goes into the same plate.
+            self.plate = next(
+                (f for f in msg["cond_indep_stack"] if f.vectorized and f.dim == -1), None
+            )
 
 
 def cluster_objective(model, guide, cluster_site: str, log_prior, kl_weight=1.0, free_bits=0.0):
@@ -103,10 +99,16 @@ def cluster_objective(model, guide, cluster_site: str, log_prior, kl_weight=1.0,
         if record.kl is None:
             raise ValueError(f"the guide did not sample the cluster site {cluster_site!r}")
         if kl_weight > 0:
-            penalty = kl_weight * record.kl.shape[-1] * torch.clamp(record.kl.mean(), min=free_bits)
-            # A guide factor f subtracts f from the ELBO; has_rsample=True keeps it a pathwise
-            # (not score-function) term, so its gradient is the penalty's own.
-            pyro.factor("cluster_kl_penalty", penalty, has_rsample=True)
+            batch = record.kl.shape[-1]
+            penalty = kl_weight * torch.clamp(record.kl.mean(), min=free_bits)
+            # Spread over the guide's data plate (β·max(λ, mean KL) per point, B·β·max(λ, mean KL)
+            # in all): a site inside the plate of the enumerated cluster, after it, is a valid
+            # dependency for TraceEnum_ELBO. A guide factor f subtracts f from the ELBO;
+            # has_rsample=True keeps it pathwise (no score-function term).
+            plate = record.plate or CondIndepStackFrame("data", -1, batch, 0)
+            # The plate's frame without a second subsample site (the guide's plate has one).
+            with IndepMessenger(plate.name, plate.size, dim=plate.dim):
+                pyro.factor("cluster_kl_penalty", penalty.expand(batch), has_rsample=True)
         return out
 
     return SiteScaleMask(cluster_site, mask=False)(model), thresholded_guide

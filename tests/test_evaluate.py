@@ -11,7 +11,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 import torch.distributions as td
-from pyro.infer import TraceEnum_ELBO
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
@@ -161,7 +161,12 @@ def test_elbo_matches_trace_enum_and_hand_computation():
     got = elbo(model, guide, x, batch_size=5)
     # The same draws, batch by batch, through TraceEnum_ELBO directly.
     pyro.set_rng_seed(3)
-    loss = sum(TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, guide, b) for b in x.split(5))
+    loss = sum(
+        TraceEnum_ELBO(max_plate_nesting=1).loss(
+            config_enumerate(model.model), config_enumerate(guide), b
+        )
+        for b in x.split(5)
+    )
     assert got == pytest.approx(-loss / 12, abs=1e-5)
     # By hand: Σ_y q(y|x) [log p(y) + log p(z_y|y) + log p(x|z_y) - log q(z_y|x,y) - log q(y|x)].
     recording = RecordingGuide(guide, ["z"])

@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from torch.autograd.functional import jacobian
 from torch.distributions.utils import clamp_probs
 
@@ -145,9 +145,11 @@ def test_flow_guide_enum_elbo_equals_hand_sum(flow, float64):
     x = binary_data()
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
     pyro.set_rng_seed(3)
-    loss = elbo.differentiable_loss(model.model, guide, x)
+    loss = elbo.differentiable_loss(config_enumerate(model.model), config_enumerate(guide), x)
     pyro.set_rng_seed(3)  # the same draws: the ELBO traces the enumerated guide first
-    trace = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x)
+    trace = poutine.trace(poutine.enum(config_enumerate(guide), first_available_dim=-2)).get_trace(
+        x
+    )
     z = trace.nodes["z"]["value"]  # (K, B, z_dim)
     y = torch.eye(K).reshape(K, 1, K)
     log_q_y = guide.cluster_logits(x).log_softmax(-1)  # (B, K)
@@ -393,16 +395,22 @@ def test_relaxed_guide_in_eval_mode_is_the_discrete_guide():
     model = tiny_model("gmvae")
     guide = make_guide("relaxed", model).eval()
     x = binary_data()
-    site = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x).nodes["y"]
+    site = (
+        poutine.trace(poutine.enum(config_enumerate(guide), first_available_dim=-2))
+        .get_trace(x)
+        .nodes["y"]
+    )
     assert isinstance(site["fn"], dist.OneHotCategorical)
     assert site["infer"]["enumerate"] == "parallel" and site["value"].shape == (K, 1, K)
     mean_field = make_guide("mean_field", model)
     mean_field.load_state_dict(guide.state_dict())
     elbo = TraceEnum_ELBO(max_plate_nesting=1)
     pyro.set_rng_seed(1)
-    loss = elbo.loss(model.model, guide, x)
+    loss = elbo.loss(config_enumerate(model.model), config_enumerate(guide), x)
     pyro.set_rng_seed(1)
-    assert loss == pytest.approx(elbo.loss(model.model, mean_field, x), rel=1e-6)
+    assert loss == pytest.approx(
+        elbo.loss(config_enumerate(model.model), config_enumerate(mean_field), x), rel=1e-6
+    )
     guide.train()
     assert not poutine.trace(guide).get_trace(x).nodes["y"]["infer"].get("enumerate")
 

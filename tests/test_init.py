@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributions as tdist
 from pyro import poutine
-from pyro.infer import TraceEnum_ELBO
+from pyro.infer import TraceEnum_ELBO, config_enumerate
 
 from pyro_gmvae import make_guide, make_model
 from pyro_gmvae.guides import VaDEGuide
@@ -81,10 +81,16 @@ def test_vade_elbo_and_gradients_equal_explicit_sum(binary_batch, learn_weights,
     x = binary_batch
     params = list(model.parameters()) + list(guide.parameters())
     pyro.set_rng_seed(4)
-    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model.model, guide, x)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        config_enumerate(model.model), config_enumerate(guide), x
+    )
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     pyro.set_rng_seed(4)  # the same draw of z: the ELBO traces the guide first
-    z = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x).nodes["z"]["value"]
+    z = (
+        poutine.trace(poutine.enum(config_enumerate(guide), first_available_dim=-2))
+        .get_trace(x)
+        .nodes["z"]["value"]
+    )
     assert z.shape == (B, 2)  # z does not depend on y: one draw per point
     log_q_y = hand_posterior(model, z)  # (B, K)
     log_pi = model.cluster_logits.log_softmax(-1)
@@ -120,9 +126,15 @@ def test_shu_guide_with_full_covariance_prior_equals_explicit_sum(binary_batch):
     guide = make_guide("mean_field", model).double()
     x = binary_batch
     pyro.set_rng_seed(5)
-    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(model.model, guide, x)
+    loss = TraceEnum_ELBO(max_plate_nesting=1).differentiable_loss(
+        config_enumerate(model.model), config_enumerate(guide), x
+    )
     pyro.set_rng_seed(5)
-    z = poutine.trace(poutine.enum(guide, first_available_dim=-2)).get_trace(x).nodes["z"]["value"]
+    z = (
+        poutine.trace(poutine.enum(config_enumerate(guide), first_available_dim=-2))
+        .get_trace(x)
+        .nodes["z"]["value"]
+    )
     log_q_y = guide.cluster_logits(x).log_softmax(-1)
     log_pi = model.cluster_logits.log_softmax(-1)
     hand = 0.0
@@ -143,7 +155,9 @@ def test_vade_decoder_runs_once_per_point(binary_batch):
     model, guide = tiny_vade()
     calls = []
     model.decoder.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
-    TraceEnum_ELBO(max_plate_nesting=1).loss(model.model, guide, binary_batch)
+    TraceEnum_ELBO(max_plate_nesting=1).loss(
+        config_enumerate(model.model), config_enumerate(guide), binary_batch
+    )
     assert calls == [torch.Size([B, 2])]
 
 
@@ -340,4 +354,5 @@ def test_default_recipe_clusters_a_synthetic_mixture(tmp_path):
     from pyro_gmvae.run import DEFAULT_RECIPE, run
 
     summary = run(run_config(tmp_path, recipe=DEFAULT_RECIPE, limit=500, epochs=3))
-    assert summary["acc_hungarian"] > 0.5  # chance: 0.2 for 5 equal clusters
+    # Chance is 0.2 for 5 equal clusters; a collapse to one cluster scores exactly that.
+    assert summary["acc_hungarian"] > 0.4 and summary["clusters_used"] >= 4

@@ -25,7 +25,6 @@ from pyro_gmvae.run import RunConfig, load_run, read_metrics, run
 from pyro_gmvae.train import NonFiniteLossError, Trainer
 
 # The free-bits factor's ordering warning is expected (see pyro_gmvae.objectives).
-pytestmark = pytest.mark.filterwarnings('ignore:at guide site "cluster_kl_penalty"')
 
 METRIC_KEYS = {"epoch", "step", "time_s", "train_loss", "test_elbo", "acc_hungarian",
                "acc_majority", "acc_aae", "nmi", "ari", "cond_entropy", "usage_entropy",

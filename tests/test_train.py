@@ -16,7 +16,6 @@ from pyro_gmvae.nets import set_validation
 from pyro_gmvae.train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule
 
 # The free-bits factor's ordering warning is expected (see pyro_gmvae.objectives).
-pytestmark = pytest.mark.filterwarnings('ignore:at guide site "cluster_kl_penalty"')
 
 D, K, B = 6, 3, 16
 
