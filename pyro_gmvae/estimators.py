@@ -46,7 +46,7 @@ from pyro.infer.enum import get_importance_trace
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 
-from .guides import GMVAEWGuide, RelaxClusterPrior
+from .guides import RelaxClusterPrior
 from .pyro_internals import (
     PointwiseRWS,
     TraceELBO,
@@ -65,13 +65,14 @@ def cluster_placement(guide):
     (sampled from the model's exact posterior, no parameters of its own: gmvae_w's guides),
     "learned" (its own encoder q(y|x)), or None for a callable without ``cluster_site``.
 
-    A guide class outside this package may declare ``exact_cluster_posterior = True``.
+    Read from the guide's :class:`~pyro_gmvae.guides.Guide` attributes ``cluster_site`` and
+    ``exact_cluster_posterior``.
     """
     if guide is None or not hasattr(guide, "cluster_site"):
         return None
     if guide.cluster_site is None:
         return "model"
-    if getattr(guide, "exact_cluster_posterior", False) or isinstance(guide, GMVAEWGuide):
+    if getattr(guide, "exact_cluster_posterior", False):
         return "exact"
     return "learned"
 

@@ -41,6 +41,7 @@ already (flows) removes that use of y, which may let y capture the clusters
 """
 
 import math
+from typing import Protocol, runtime_checkable
 
 import pyro
 import pyro.distributions as dist
@@ -55,6 +56,40 @@ Y_Z_MODELS = ("m2", "modified_m2", "gmvae")
 ALL_MODELS = (*Y_Z_MODELS, "gmvae_w")
 FLOWS = ("iaf", "spline", "cond_iaf", "cond_spline")
 JARIASF_ANNEAL_RATE = math.log(2) / 50  # jariasf/GMVAE's 0.013862944: τ halves in 50 epochs
+
+
+@runtime_checkable
+class Guide(Protocol):
+    """What a guide provides: the interface the estimators, the trainer, evaluation and the
+    initialisation stage rely on. A new guide is one class meeting it plus one line in
+    :data:`GUIDES`.
+
+    Calling ``guide(x)`` samples the model's latent sites inside a plate named ``"data"`` at
+    dim -1, under the model's site names, with ``pyro.module`` registering its networks; it
+    makes no inference choice (the exact estimators enumerate its discrete sites themselves).
+
+    Optional, used where present: ``encode(x)`` (a point code, trained by autoencoder
+    pretraining), ``z_head`` (a :class:`~pyro_gmvae.nets.GaussianHead`, narrowed after it),
+    ``cluster_logits(x)`` (a cluster encoder, fitted to the initial mixture), ``set_epoch(epoch)``
+    (a schedule, e.g. a relaxed guide's temperature; called by the trainer every epoch).
+    """
+
+    #: The models (by ``model.name``) this guide fits.
+    fits: tuple
+    #: Why it fits no other model: shown by :func:`make_guide` when asked to.
+    misfit: str
+    #: The guide's discrete cluster site, the model's name for it; None when the guide leaves the
+    #: cluster to the model (which the exact estimators then enumerate there).
+    cluster_site: str | None
+    #: True when q(y|·) is the model's exact posterior, with no parameters of its own: no
+    #: estimator then needs to train a cluster encoder.
+    exact_cluster_posterior: bool
+
+    def __call__(self, x) -> None: ...
+
+    def cluster_probs(self, x) -> torch.Tensor:
+        """q(y|x) (or the cluster posterior at point estimates of the latents), shape (B, K)."""
+        ...
 
 
 def _default_hidden(kind, dim, cap=512):
@@ -142,6 +177,8 @@ class MeanFieldGuide(nn.Module):
 
     name = "mean_field"
     fits = Y_Z_MODELS
+    misfit = "it guides a cluster y and latent z; gmvae_w has w, c, x and an exact p(c|x,w)"
+    exact_cluster_posterior = False
 
     def __init__(self, model, hidden=None, min_var=None):
         super().__init__()
@@ -217,7 +254,7 @@ class FlowGuide(MeanFieldGuide):
     log-density reuses the cached inverse.
     """
 
-    fits = Y_Z_MODELS  # make_guide serves gmvae_w with FlowGMVAEWGuide
+    fits = Y_Z_MODELS  # the flow names serve gmvae_w with FlowGMVAEWGuide
 
     def __init__(self, model, flow="iaf", depth=2, flow_hidden=None, count_bins=8, bound=5.0,
                  hidden=None, min_var=None):  # fmt: skip
@@ -263,6 +300,7 @@ class RelaxedGuide(FlowGuide):
 
     name = "relaxed"
     fits = Y_Z_MODELS
+    misfit = "gmvae_w's cluster posterior p(c|x,w) is exact, so there is nothing to relax"
 
     def __init__(self, model, temperature=1.0, temperature_min=0.5, anneal_rate=JARIASF_ANNEAL_RATE,
                  straight_through=False, flow=None, **flow_kwargs):  # fmt: skip
@@ -366,6 +404,7 @@ class VaDEGuide(nn.Module):
 
     name = "vade"
     fits = ("gmvae",)
+    misfit = "q(y|x,z) is the Bayes posterior of a Gaussian mixture prior p(z|y): gmvae's"
     exact_cluster_posterior = True  # q(y|x,z) has no parameters of its own (estimators.py)
 
     def __init__(self, model, hidden=None, min_var=None):
@@ -416,6 +455,8 @@ class GMVAEWGuide(nn.Module):
 
     name = "exact_posterior"
     fits = ("gmvae_w",)
+    misfit = "it needs a model whose cluster posterior is exact given the latents (gmvae_w)"
+    exact_cluster_posterior = True  # p(c|x,w): trained through the model's terms
 
     def __init__(self, model, cluster="guide"):
         super().__init__()
@@ -489,39 +530,37 @@ class FlowGMVAEWGuide(GMVAEWGuide):
         return q_x, self.w_flow.push(dist.Normal(*self.w_head(h)).to_event(1), h)
 
 
+class ModelEnumGuide(GMVAEWGuide):
+    """:class:`GMVAEWGuide` with c left to the model, where the exact estimators enumerate it."""
+
+    name = "model_enum"
+
+    def __init__(self, model):
+        super().__init__(model, cluster="model")
+
+
 def _flow_guide(flow):
     def build(model, **kwargs):
-        cls = FlowGMVAEWGuide if model.name == "gmvae_w" else FlowGuide
+        cls = next(c for c in (FlowGuide, FlowGMVAEWGuide) if model.name in c.fits)
         return cls(model, flow=flow, **kwargs)
 
     build.__doc__ = f"The {flow!r} flow guide: FlowGuide, or FlowGMVAEWGuide for gmvae_w."
+    build.fits = FlowGuide.fits + FlowGMVAEWGuide.fits
     return build
 
 
+#: Every guide by name: a :class:`Guide` class, or a builder ``(model, **kwargs) -> Guide`` with
+#: a ``fits`` attribute.
 GUIDES = {
     "mean_field": MeanFieldGuide,
     **{flow: _flow_guide(flow) for flow in FLOWS},
     "relaxed": RelaxedGuide,
     "vade": VaDEGuide,
     "exact_posterior": GMVAEWGuide,
-    "model_enum": lambda model, **kwargs: GMVAEWGuide(model, cluster="model", **kwargs),
+    "model_enum": ModelEnumGuide,
 }
-GUIDE_FITS = {
-    "mean_field": Y_Z_MODELS,
-    **{flow: ALL_MODELS for flow in FLOWS},
-    "relaxed": Y_Z_MODELS,
-    "vade": ("gmvae",),
-    "exact_posterior": ("gmvae_w",),
-    "model_enum": ("gmvae_w",),
-}
-# Why a guide does not fit: shown in make_guide's error.
-_MISFIT_WHY = {
-    "mean_field": "it guides a cluster y and latent z; gmvae_w has w, c, x and an exact p(c|x,w)",
-    "relaxed": "gmvae_w's cluster posterior p(c|x,w) is exact, so there is nothing to relax",
-    "vade": "q(y|x,z) is the Bayes posterior of a Gaussian mixture prior p(z|y): gmvae's",
-    "exact_posterior": "it needs a model whose cluster posterior is exact given the latents (gmvae_w)",
-    "model_enum": "it needs a model whose cluster posterior is exact given the latents (gmvae_w)",
-}
+#: The models each guide fits, read from the guides themselves.
+GUIDE_FITS = {name: tuple(guide.fits) for name, guide in GUIDES.items()}
 
 
 def make_guide(name, model, **kwargs):
@@ -532,7 +571,8 @@ def make_guide(name, model, **kwargs):
         raise ValueError(f"unknown guide {name!r}; choose one of {sorted(GUIDES)}")
     if model.name not in GUIDE_FITS[name]:
         fitting = sorted(g for g, fits in GUIDE_FITS.items() if model.name in fits)
-        why = f" ({_MISFIT_WHY[name]})" if name in _MISFIT_WHY else ""
+        misfit = getattr(GUIDES[name], "misfit", None)
+        why = f" ({misfit})" if misfit else ""
         raise ValueError(
             f"guide {name!r} does not fit model {model.name!r}{why}; guides that fit: {fitting}"
         )

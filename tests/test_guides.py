@@ -14,13 +14,14 @@ from torch.autograd.functional import jacobian
 from torch.distributions.utils import clamp_probs
 
 from pyro_gmvae import make_model
-from pyro_gmvae.estimators import make_estimator
+from pyro_gmvae.estimators import cluster_placement, make_estimator
 from pyro_gmvae.guides import (
     FLOWS,
     GUIDE_FITS,
     GUIDES,
     FlowGMVAEWGuide,
     FlowGuide,
+    Guide,
     RelaxedGuide,
     make_guide,
     relax_cluster_prior,
@@ -443,3 +444,16 @@ def test_evaluation_works_with_flow_and_relaxed_guides(guide_name, model_name):
     test_elbo, bound = elbo(model, guide, x), iw_log_likelihood(model, guide, x, num_samples=3)
     assert math.isfinite(test_elbo) and math.isfinite(bound)
     assert guide.training  # evaluation restores the mode
+
+
+@pytest.mark.parametrize("name", sorted(GUIDE_FITS))
+def test_every_registered_guide_meets_the_guide_protocol(name):
+    """Each guide, built for every model it fits, has the attributes the Guide protocol names,
+    and its placement of the cluster is read from them (no table of names)."""
+    for model_name in GUIDE_FITS[name]:
+        guide = make_guide(name, tiny_model(model_name), **guide_kwargs(name))
+        assert isinstance(guide, Guide)
+        assert model_name in guide.fits and isinstance(guide.exact_cluster_posterior, bool)
+        exact = model_name == "gmvae_w" or name == "vade"  # p(c|x,w), p(y|z): no encoder
+        expected = "model" if name == "model_enum" else "exact" if exact else "learned"
+        assert cluster_placement(guide) == expected
