@@ -47,6 +47,7 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 
 from .guides import RelaxClusterPrior
+from .nets import base_distribution
 from .pyro_internals import (
     PointwiseRWS,
     TraceELBO,
@@ -79,9 +80,7 @@ def cluster_placement(guide):
 
 def _base(fn):
     """The distribution under Independent / expanded / masked wrappers."""
-    while not isinstance(fn, _DISCRETE + _RELAXED) and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    return fn
+    return base_distribution(fn, lambda d: isinstance(d, _DISCRETE + _RELAXED))
 
 
 def _is_scaled_or_masked(msg):

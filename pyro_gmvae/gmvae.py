@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import MixtureVAE
-from .m2 import _mean_image
-from .nets import GaussianHead, decoder_out_features, mlp, observation_dist, xavier_init
+from .nets import (
+    GaussianHead,
+    decoder_out_features,
+    mean_image,
+    mlp,
+    observation_dist,
+    xavier_init,
+)
 
 
 class GMVAE(MixtureVAE):
@@ -138,4 +144,4 @@ class GMVAE(MixtureVAE):
         y = y.to(self.cluster_logits)  # F.one_hot gives int64; the linear prior needs floats
         if z is None:
             z = self.prior_dist(y).sample()
-        return _mean_image(self.decoder(z), self.likelihood)
+        return mean_image(self.decoder(z), self.likelihood)

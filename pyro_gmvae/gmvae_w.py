@@ -12,8 +12,15 @@ from pyro.ops.indexing import Vindex
 from torch import nn
 
 from .base import MixtureVAE
-from .m2 import _mean_image
-from .nets import ConvDecoder, decoder_out_features, mlp, observation_dist, positive, xavier_init
+from .nets import (
+    ConvDecoder,
+    decoder_out_features,
+    mean_image,
+    mlp,
+    observation_dist,
+    positive,
+    xavier_init,
+)
 
 ARCHS = ("mlp", "conv")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -134,7 +141,7 @@ class GMVAEW(MixtureVAE):
         loc, scale = self.components(w)
         loc, scale = (c.unsqueeze(-1) * loc).sum(-2), (c.unsqueeze(-1) * scale).sum(-2)
         x = loc if use_mean else loc + scale * torch.randn_like(loc)
-        return _mean_image(self.decoder(x), self.likelihood)
+        return mean_image(self.decoder(x), self.likelihood)
 
 
 def select_component(params, idx):

@@ -50,7 +50,14 @@ import torch
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
-from .nets import ConvEncoder, GaussianHead, JointLinear, mlp, xavier_init
+from .nets import (
+    ConvEncoder,
+    GaussianHead,
+    JointLinear,
+    base_distribution,
+    mlp,
+    xavier_init,
+)
 
 Y_Z_MODELS = ("m2", "modified_m2", "gmvae")
 ALL_MODELS = (*Y_Z_MODELS, "gmvae_w")
@@ -157,8 +164,9 @@ class Flow(nn.Module):
         return dist.TransformedDistribution(base, self.transforms(context))
 
 
-def _point(d):
+def point_estimate(d):
     """A point summary of q: the mean of a Gaussian, or the base mean pushed through the flows."""
+    d = base_distribution(d, lambda fn: isinstance(fn, dist.TransformedDistribution))
     if isinstance(d, dist.TransformedDistribution):
         u = d.base_dist.mean
         for t in d.transforms:
@@ -366,9 +374,8 @@ class RelaxClusterPrior(Messenger):
     def _process_message(self, msg):
         if msg["name"] != self.site or msg["type"] != "sample":
             return
-        fn = base = msg["fn"]
-        while not hasattr(base, "logits") and hasattr(base, "base_dist"):
-            base = base.base_dist
+        fn = msg["fn"]
+        base = base_distribution(fn, lambda d: hasattr(d, "logits"))
         tau = self.temperature() if callable(self.temperature) else self.temperature
         tau = torch.as_tensor(tau, dtype=base.logits.dtype, device=base.logits.device)
         relaxed = dist.RelaxedOneHotCategoricalStraightThrough(tau, logits=base.logits)
@@ -497,7 +504,7 @@ class GMVAEWGuide(nn.Module):
     def cluster_probs(self, obs):
         """p(c | x, w) at point estimates of x and w (the encoder means), shape (B, K)."""
         q_x, q_w = self.latent_dists(obs)
-        return self.model.cluster_log_posterior(_point(q_x), _point(q_w)).exp()
+        return self.model.cluster_log_posterior(point_estimate(q_x), point_estimate(q_w)).exp()
 
 
 class FlowGMVAEWGuide(GMVAEWGuide):

@@ -6,7 +6,15 @@ import torch
 from torch import nn
 
 from .base import MixtureVAE
-from .nets import JointLinear, decoder_out_features, mlp, observation_dist, positive, xavier_init
+from .nets import (
+    JointLinear,
+    decoder_out_features,
+    mean_image,
+    mlp,
+    observation_dist,
+    positive,
+    xavier_init,
+)
 
 
 class M2(MixtureVAE):
@@ -52,7 +60,7 @@ class M2(MixtureVAE):
         y = y.to(self.cluster_logits)  # F.one_hot gives int64; a float64 model needs float64
         if z is None:
             z = torch.randn(y.shape[0], self.z_dim, dtype=y.dtype, device=y.device)
-        return _mean_image(self.decode(z, y), self.likelihood)
+        return mean_image(self.decode(z, y), self.likelihood)
 
 
 class ModifiedM2(M2):
@@ -86,9 +94,3 @@ class ModifiedM2(M2):
     def decode(self, z, y):
         h = self.h_loc(y) + positive(self.h_var(y), self.min_var).sqrt() * z
         return self.decoder(torch.relu(h) if self.h_activation == "relu" else h)
-
-
-def _mean_image(params, likelihood):
-    if likelihood == "bernoulli":
-        return torch.sigmoid(params)
-    return params.chunk(2, dim=-1)[0]

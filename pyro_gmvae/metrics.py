@@ -21,6 +21,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.special import entr
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
 
 _ROW_SUM_TOL = 1e-3
 
@@ -78,11 +79,7 @@ def _probs_and_labels(labels_true, cluster_probs):
 
 def _counts(t, p) -> np.ndarray:
     """(distinct predicted clusters, distinct true classes) contingency matrix."""
-    _, ti = np.unique(t, return_inverse=True)
-    _, pi = np.unique(p, return_inverse=True)
-    c = np.zeros((pi.max() + 1, ti.max() + 1), dtype=np.int64)
-    np.add.at(c, (pi.ravel(), ti.ravel()), 1)
-    return c
+    return contingency_matrix(t, p).T
 
 
 def cluster_acc_hungarian(labels_true, labels_pred) -> float:

@@ -211,6 +211,21 @@ def observation_dist(params: torch.Tensor, likelihood: str, min_var: float = 1e-
     return dist.Normal(loc, positive(raw_var, min_var).sqrt()).to_event(1)
 
 
+def mean_image(params: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """The mean of :func:`observation_dist` (the decoded image), from the same decoder output."""
+    if likelihood == "bernoulli":
+        return torch.sigmoid(params)
+    return params.chunk(2, dim=-1)[0]
+
+
+def base_distribution(fn, stop):
+    """The distribution under ``Independent`` / expanded / masked wrappers: the outermost one
+    for which ``stop(d)`` holds, or the innermost."""
+    while not stop(fn) and hasattr(fn, "base_dist"):
+        fn = fn.base_dist
+    return fn
+
+
 def decoder_out_features(data_dim: int, likelihood: str) -> int:
     return data_dim if likelihood == "bernoulli" else 2 * data_dim
 

@@ -20,14 +20,15 @@ import pyro
 import torch
 from pyro.poutine.indep_messenger import CondIndepStackFrame, IndepMessenger
 from pyro.poutine.messenger import Messenger
+from torch.distributions import Categorical, kl_divergence
+
+from .nets import base_distribution
 
 
 def cluster_kl(fn, log_prior: torch.Tensor) -> torch.Tensor:
     """KL(q(y|x) || p(y)) per point, from a categorical-like guide distribution ``fn``."""
-    while not hasattr(fn, "logits") and hasattr(fn, "base_dist"):
-        fn = fn.base_dist
-    log_q = fn.logits.log_softmax(-1)
-    return (log_q.exp() * (log_q - log_prior)).sum(-1)
+    logits = base_distribution(fn, lambda d: hasattr(d, "logits")).logits
+    return kl_divergence(Categorical(logits=logits), Categorical(logits=log_prior))
 
 
 class SiteScaleMask(Messenger):

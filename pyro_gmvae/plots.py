@@ -23,7 +23,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .compare import metric_curves
+from .guides import point_estimate
 from .metrics import contingency
+from .nets import mean_image
 from .run import read_metrics
 
 FIGURES = ("curves", "samples", "traversal", "reconstructions", "confusion")
@@ -192,25 +194,6 @@ def _one_hot(index, k, like):
     return F.one_hot(torch.as_tensor(index, device=like.device), k).to(like.dtype)
 
 
-def _point(d):
-    """A point summary of a guide distribution: the mean, or the base mean pushed through flows."""
-    while hasattr(d, "base_dist") and not hasattr(d, "transforms"):
-        d = d.base_dist  # Independent(Normal): the mean is the same
-    if hasattr(d, "transforms"):
-        u = d.base_dist.mean
-        for t in d.transforms:
-            u = t(u)
-        return u
-    return d.mean
-
-
-def _decoded_mean(model, params):
-    """The decoder's mean image from its raw output (Bernoulli logits or Gaussian mean/var)."""
-    if model.likelihood == "bernoulli":
-        return torch.sigmoid(params)
-    return params.chunk(2, dim=-1)[0]
-
-
 def _principal_direction(v):
     """First principal direction of the rows of v and the spread along it (its std)."""
     centred = v - v.mean(0)
@@ -251,10 +234,10 @@ def latent_means(guide, x, clusters, batch_size=1000) -> torch.Tensor:
     for i in range(0, len(x), batch_size):
         b = x[i : i + batch_size]
         if hasattr(guide, "latent_dists"):
-            out.append(_point(guide.latent_dists(b)[1]))
+            out.append(point_estimate(guide.latent_dists(b)[1]))
         else:
             y = _one_hot(clusters[i : i + batch_size], guide.k, x)
-            out.append(_point(guide.z_dist(b, y)))
+            out.append(point_estimate(guide.z_dist(b, y)))
     return torch.cat(out)
 
 
@@ -263,9 +246,9 @@ def reconstruct(model, guide, x, clusters) -> torch.Tensor:
     """Decoder means for x at the guide's point estimates: z from q(z|x,y) at the given (most
     probable) cluster for Shu's models, x from q(x|obs) for GMVAE-w. Shape like x."""
     if hasattr(guide, "latent_dists"):
-        return _decoded_mean(model, model.decoder(_point(guide.latent_dists(x)[0])))
+        return mean_image(model.decoder(point_estimate(guide.latent_dists(x)[0])), model.likelihood)
     y = _one_hot(clusters, model.k, x)
-    return model.sample(y, z=_point(guide.z_dist(x, y)))
+    return model.sample(y, z=point_estimate(guide.z_dist(x, y)))
 
 
 @torch.no_grad()
