@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 
-from pyro_gmvae import MODELS
 from pyro_gmvae.data import (
     DatasetNotFoundError,
     binarize_fixed,
@@ -46,15 +45,13 @@ from pyro_gmvae.data import (
     load_dataset,
     load_user_data,
 )
-from pyro_gmvae.estimators import ESTIMATORS
-from pyro_gmvae.guides import GUIDES
-from pyro_gmvae.init import INIT_METHODS
 from pyro_gmvae.run import (
     CHECKPOINT,
-    DATASETS,
+    DATA,
     DEFAULT_RECIPE,
     RECIPES,
     RESUMABLE_CHANGES,
+    RUN,
     CorruptCheckpointError,
     RunConfig,
     RunInterrupted,
@@ -65,9 +62,10 @@ from pyro_gmvae.run import (
     load_run,
     run,
     run_status,
+    setting_choices,
+    setting_kind,
 )
 from pyro_gmvae.train import (
-    OPTIMIZERS,
     NonFiniteLossError,
     Trainer,
     kl_weight_schedule,
@@ -75,12 +73,11 @@ from pyro_gmvae.train import (
 )
 
 DEFAULTS = RunConfig()
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # Settings that differ from RunConfig's defaults for one model or dataset; a flag overrides them.
 MODEL_DEFAULTS = {"gmvae_w": RECIPES["dilokthanakul"]}
 DATASET_DEFAULTS = {"arcs": {"binarize": "none"}}  # real-valued 2-D points
 IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "svhn": (3, 32, 32)}
-# Flag names of RunConfig fields whose flag is not simply --field-name.
-FLAG_OF = {"estimator": "--elbo", "progress": "--no-progress"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -130,228 +127,67 @@ def float_in(low, strict=False):
 
 
 def flag(field: str) -> str:
-    return FLAG_OF.get(field, "--" + field.replace("_", "-"))
+    """The command-line flag of a RunConfig field."""
+    return FIELDS[field].metadata.get("flag") or "--" + field.replace("_", "-")
+
+
+def _argument(f: dataclasses.Field) -> dict:
+    """argparse keywords for a RunConfig field, from its :func:`~pyro_gmvae.run.setting`."""
+    m, kind, choices = f.metadata, setting_kind(f), setting_choices(f)
+    default = (
+        ""
+        if f.default is None or kind is bool
+        else f" (default {f.default:g})"
+        if kind is float
+        else f" (default {f.default})"
+    )
+    if "default" in m["help"]:
+        default = ""
+    if kind is bool:
+        if (m.get("flag") or "").startswith("--no-"):  # on by default: the flag turns it off
+            return dict(dest=f.name, action="store_false", default=None, help="no " + m["help"])
+        return dict(action=argparse.BooleanOptionalAction, help=m["help"])
+    if choices is not None:
+        return dict(choices=sorted(choices), help=m["help"] + default)
+    if m.get("widths"):
+        return dict(type=widths, help=m["help"])
+    if kind is int:
+        return dict(type=int_at_least(m.get("minimum") or 0), help=m["help"] + default)
+    if kind is float:
+        low = m["above"] if m.get("above") is not None else m.get("minimum")
+        parse = float_in(low, strict=m.get("above") is not None) if low is not None else float
+        return dict(type=parse, help=m["help"] + default)
+    return dict(help=m["help"] + default)
 
 
 def build_parser(prog="mnist_unsup.py") -> argparse.ArgumentParser:
-    """Every flag defaults to None (or False): a value is set only where the user gave one, so
-    model defaults and ``--resume`` can tell given flags from defaults."""
+    """The main job's flags, one per RunConfig field (generated from its ``setting``), plus
+    ``--resume`` and ``--no-download``. Every flag defaults to None: a value is set only where
+    the user gave one, so recipe and model defaults and ``--resume`` can tell given flags from
+    defaults."""
     p = OneLineParser(
         prog=prog,
-        description="Deep unsupervised clustering of MNIST with mixture VAEs (Pyro).",
-        epilog="Run directory contents and examples: see the module docstring (README).",
+        description="Deep unsupervised clustering of MNIST with mixture VAEs (Pyro). The defaults "
+        "shown are the plain settings'; a recipe sets its own.",
+        epilog=f"Without --recipe or --model the recipe is {DEFAULT_RECIPE}. Run directory "
+        "contents and examples: see the module docstring (README).",
     )
-    d = DEFAULTS
-    g = p.add_argument_group("model and inference")
-    g.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
-        help=f"a preset of the settings below (default {DEFAULT_RECIPE} when --model is not "
-        "given): shu = Shu's GMVAE as in his code, dilokthanakul = the paper's gmvae_w script, "
-        "vade = VaDE (autoencoder + GMM initialisation), vade-umap = VaDE initialised on a UMAP "
-        "embedding of the codes (N2D); flags given beside it override its values",
-    )
-    g.add_argument(
-        "--model",
-        choices=sorted(MODELS),
-        help=f"generative model (default {d.model}: Shu's GMVAE, the best clusterer; "
-        "m2 collapses, modified_m2 is Shu's fix, gmvae_w is Dilokthanakul et al.'s)",
-    )
-    g.add_argument(
-        "--guide",
-        choices=sorted(GUIDES),
-        help="variational family (default: the model's own, mean_field for Shu's "
-        "models, exact_posterior for gmvae_w)",
-    )
-    g.add_argument(
-        "--elbo",
-        dest="estimator",
-        choices=sorted(ESTIMATORS),
-        help=f"ELBO estimator for the discrete cluster (default {d.estimator}: "
-        "summed exactly by parallel enumeration)",
-    )
-    g.add_argument("--k", "-k", type=int_at_least(2), help=f"number of clusters K (default {d.k})")
-    g.add_argument(
-        "--arch",
-        choices=("mlp", "conv"),
-        help=f"networks (default {d.arch}); conv is the paper's convolutional nets, gmvae_w only",
-    )
-    g.add_argument(
-        "--hidden",
-        type=widths,
-        help="hidden width, or comma-separated widths per layer such as 500,500,2000 "
-        "(default: the model's, 512,512 for Shu's models, 1000 for gmvae_w)",
-    )
-    g.add_argument(
-        "--learn-weights",
-        action=argparse.BooleanOptionalAction,
-        help="gmvae: learn the mixture weights p(y) (VaDE) instead of keeping them uniform",
-    )
-    g.add_argument(
-        "--covariance",
-        choices=("diag", "full"),
-        help="gmvae: covariance of each prior component p(z|y) (default diag, Shu's)",
-    )
-    g.add_argument(
-        "--init",
-        choices=INIT_METHODS,
-        help="initialisation stage after autoencoder pretraining (gmvae): gmm = a "
-        "GaussianMixture on the codes sets p(z|y); umap = on a UMAP embedding of the codes",
-    )
-    g.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        help="pretrain the autoencoder on randomly rotated (±10°) and shifted (±10 %%) images",
-    )
-    g.add_argument(
-        "--pretrain-epochs",
-        type=int_at_least(0),
-        help="epochs of autoencoder pretraining before the mixture VAE (gmvae)",
-    )
-    g.add_argument(
-        "--latent-dim",
-        type=int_at_least(1),
-        help="dimension of z (Shu's models, default 64) or x (gmvae_w, default 200)",
-    )
-    g.add_argument(
-        "--w-dim", type=int_at_least(1), help="dimension of w (gmvae_w only, default 150)"
-    )
-    g.add_argument(
-        "--likelihood",
-        choices=("bernoulli", "gaussian"),
-        help="p(x|z) (default: bernoulli for binarised images, else gaussian)",
-    )
-
-    g = p.add_argument_group("objective and optimisation")
-    g.add_argument(
-        "--epochs", type=int_at_least(1), help=f"passes over the training set (default {d.epochs})"
-    )
-    g.add_argument(
-        "--batch-size",
-        type=int_at_least(1),
-        help=f"minibatch size (default {d.batch_size}; 50 for gmvae_w)",
-    )
-    g.add_argument(
-        "--lr",
-        type=float_in(0, strict=True),
-        help=f"learning rate (default {d.lr:g}; 1e-4 for gmvae_w)",
-    )
-    g.add_argument(
-        "--lr-decay",
-        type=float_in(0, strict=True),
-        help=f"multiply the learning rate by this every epoch (default {d.lr_decay:g})",
-    )
-    g.add_argument(
-        "--optimizer", choices=sorted(OPTIMIZERS), help=f"optimiser (default {d.optimizer})"
-    )
-    g.add_argument(
-        "--clip-norm",
-        type=float_in(0, strict=True),
-        help="clip gradients to this global L2 norm (default: no clipping)",
-    )
-    g.add_argument(
-        "--free-bits",
-        type=float_in(0),
-        help=f"λ, nats: the cluster KL term counts as max(λ, batch-mean KL) "
-        f"(default {d.free_bits:g}; 0.5 for gmvae_w, the paper's constraint)",
-    )
-    g.add_argument(
-        "--kl-weight",
-        type=float_in(0),
-        help=f"β, weight of the cluster KL term (default {d.kl_weight:g})",
-    )
-    g.add_argument(
-        "--kl-warmup-epochs",
-        type=int_at_least(0),
-        help=f"ramp β linearly over this many epochs (default {d.kl_warmup_epochs})",
-    )
-    g.add_argument(
-        "--mc-samples",
-        type=int_at_least(1),
-        help=f"M, Monte-Carlo samples of the continuous latents per point (default {d.mc_samples})",
-    )
-    g.add_argument(
-        "--on-nan",
-        choices=("raise", "rollback"),
-        help=f"on a non-finite loss stop, or restore the last good state and go on "
-        f"(default {d.on_nan})",
-    )
-
-    g = p.add_argument_group("data")
-    g.add_argument(
-        "--dataset",
-        help=f"one of {', '.join(DATASETS)} (default {d.dataset}), or your own data: the path of "
-        "a .npy/.npz array file or of a folder of PNG/JPEG images",
-    )
-    g.add_argument(
-        "--data-dir",
-        help="data root holding MNIST/raw etc. (default: $PYRO_GMVAE_DATA, else ./data)",
-    )
-    g.add_argument(
-        "--no-download",
-        dest="download",
-        action="store_false",
+    groups = {}
+    for f in dataclasses.fields(RunConfig):
+        group = groups.get(f.metadata["group"]) or p.add_argument_group(f.metadata["group"])
+        groups[f.metadata["group"]] = group
+        names = [flag(f.name)] + (["-k"] if f.name == "k" else [])
+        group.add_argument(*names, **{"dest": f.name, **_argument(f)})
+    groups[DATA].add_argument(
+        "--no-download", dest="download", action="store_false",
         help="never download: a missing dataset is an error (by default torchvision downloads "
         "a missing named dataset into the data root)",
-    )
-    g.add_argument(
-        "--limit",
-        type=int_at_least(1),
-        help="train on the first N training images only (smoke runs; default: all)",
-    )
-    g.add_argument(
-        "--test-limit",
-        type=int_at_least(1),
-        help="evaluate on the first N test images only (each evaluation costs K decoder passes "
-        "per image; default: all); a resumed run keeps it",
-    )
-    g.add_argument(
-        "--validation",
-        type=int_at_least(1),
-        help="hold out the last N training images and evaluate on them instead of the test "
-        "split (to choose settings without the test labels)",
-    )
-    g.add_argument(
-        "--binarize",
-        choices=("dynamic", "none"),
-        help="'dynamic': a fresh Bernoulli draw of every batch (both sources); "
-        "default dynamic for images, none for arcs",
-    )
-
-    g = p.add_argument_group("run")
-    g.add_argument("--out", help="run directory (default runs/<dataset>-<model>-k<K>-seed<seed>)")
-    g.add_argument(
-        "--resume",
-        action="store_true",
+    )  # fmt: skip
+    groups[RUN].add_argument(
+        "--resume", action="store_true",
         help="continue the run in --out from its checkpoint; only --epochs, --device, "
         "--data-dir and --no-progress may change",
-    )
-    g.add_argument("--seed", type=int_at_least(0), help=f"random seed (default {d.seed})")
-    g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available, else cpu)")
-    g.add_argument(
-        "--eval-every",
-        type=int_at_least(1),
-        help=f"evaluate on the test set every N epochs (default {d.eval_every}; "
-        "the last epoch is always evaluated)",
-    )
-    g.add_argument(
-        "--eval-batch-size",
-        type=int_at_least(1),
-        help=f"test-set batch size (default {d.eval_batch_size})",
-    )
-    g.add_argument(
-        "--iw-samples",
-        type=int_at_least(0),
-        help="S for a final importance-weighted bound on log p(x) "
-        "(default 0: skipped; it costs K·S decoder passes per test image)",
-    )
-    g.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
-        default=None,
-        help="no progress bars",
-    )
+    )  # fmt: skip
     return p
 
 

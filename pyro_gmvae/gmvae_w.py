@@ -11,16 +11,9 @@ from pyro.distributions import TorchDistribution, constraints
 from pyro.ops.indexing import Vindex
 from torch import nn
 
+from . import nets
 from .base import MixtureVAE
-from .nets import (
-    ConvDecoder,
-    decoder_out_features,
-    mean_image,
-    mlp,
-    observation_dist,
-    positive,
-    xavier_init,
-)
+from .nets import ConvDecoder, decoder_out_features, mlp, observation_dist, positive, xavier_init
 
 ARCHS = ("mlp", "conv")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -141,7 +134,7 @@ class GMVAEW(MixtureVAE):
         loc, scale = self.components(w)
         loc, scale = (c.unsqueeze(-1) * loc).sum(-2), (c.unsqueeze(-1) * scale).sum(-2)
         x = loc if use_mean else loc + scale * torch.randn_like(loc)
-        return mean_image(self.decoder(x), self.likelihood)
+        return nets.mean_image(self.decoder(x), self.likelihood)
 
 
 def select_component(params, idx):

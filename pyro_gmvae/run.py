@@ -79,161 +79,167 @@ DEFAULT_RECIPE = "vade-umap"
 RESUMABLE_CHANGES = ("epochs", "device", "progress", "data_dir", "out")
 
 
+def setting(default, help, group, *, choices=None, minimum=None, above=None, maximum=None,
+            flag=None, widths=False):  # fmt: skip
+    """A :class:`RunConfig` field and everything said about it once: its help, its group of
+    command-line flags, its allowed values (a tuple, or a callable returning a registry) and its
+    bounds (``minimum`` ≤ value, ``above`` < value, value ≤ ``maximum``). ``flag`` names a flag
+    that is not ``--field-name``; ``widths`` marks the one field that takes ``500,500,2000``.
+    The CLI's flags (:func:`pyro_gmvae.cli.build_parser`) and :meth:`RunConfig.validate` are
+    generated from these."""
+    metadata = dict(help=help, group=group, choices=choices, minimum=minimum, above=above,
+                    maximum=maximum, flag=flag, widths=widths)  # fmt: skip
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+MODEL, OBJECTIVE, DATA, RUN = "model and inference", "objective and optimisation", "data", "run"
+
+
 @dataclasses.dataclass
 class RunConfig:
-    """Every setting of a run. Defaults: Shu's GMVAE on MNIST, K = 10 (the best clusterer)."""
+    """Every setting of a run, each stated once: its default, help and constraints.
 
-    model: str = "gmvae"
-    guide: str | None = None  # None: the model's default guide
-    estimator: str = "enum"
-    k: int = 10
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 1e-3
-    optimizer: str = "adam"
-    clip_norm: float | None = None
-    free_bits: float = 0.0  # λ, nats per point
-    kl_weight: float = 1.0  # β
-    kl_warmup_epochs: int = 0  # β ramps linearly over these epochs
-    mc_samples: int = 1  # M
-    arch: str = "mlp"
-    hidden: int | list[int] | None = None  # hidden width, or widths per layer (None: default)
-    latent_dim: int | None = None  # z (Shu's models) or x (gmvae_w); None: default
-    w_dim: int | None = None  # gmvae_w only
-    likelihood: str | None = None  # None: bernoulli for binarised data, else gaussian
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    limit: int | None = None  # use the first N training points
-    # Evaluate on the first N test points (None: all). A budget measure: every evaluation costs
-    # K decoder passes per test point. It changes what metrics.jsonl holds, so not resumable.
-    test_limit: int | None = None
-    # Hold out the last N training images and evaluate on them instead of the test split: for
-    # choosing settings with labels that are not the test set's.
-    validation: int | None = None
-    binarize: str = "dynamic"
-    device: str | None = None
-    seed: int = 0
-    eval_every: int = 1  # epochs
-    eval_batch_size: int = 1000
-    iw_samples: int = 0  # S for the final importance-weighted bound (0: skip)
-    on_nan: str = "raise"
-    lr_decay: float = 1.0  # the learning rate is lr * lr_decay ** epoch
-    learn_weights: bool = False  # gmvae: mixture weights p(y) learnt (VaDE), else uniform
-    covariance: str = "diag"  # gmvae: "full" gives each component p(z|y) a full covariance
+    The plain defaults are Shu's GMVAE on MNIST, K = 10; the main job starts from the default
+    recipe (:data:`RECIPES`) instead."""
+
+    recipe: str | None = setting(
+        None, "a preset of the settings below, which flags given beside it override: vade-umap "
+        "(the default) = VaDE initialised on a UMAP embedding (N2D), vade = VaDE (autoencoder + "
+        "GMM initialisation), shu = Shu's GMVAE as in his code, dilokthanakul = the paper's "
+        "gmvae_w script", MODEL, choices=lambda: RECIPES,
+    )  # fmt: skip
+    model: str = setting("gmvae", "generative model: gmvae is Shu's GMVAE, m2 collapses, "
+                         "modified_m2 is Shu's fix, gmvae_w is Dilokthanakul et al.'s", MODEL,
+                         choices=lambda: MODELS)  # fmt: skip
+    guide: str | None = setting(None, "variational family (default: the model's own, mean_field "
+                                "for Shu's models, exact_posterior for gmvae_w)", MODEL,
+                                choices=lambda: GUIDES)  # fmt: skip
+    estimator: str = setting("enum", "ELBO estimator for the discrete cluster (enum: summed "
+                             "exactly by parallel enumeration)", MODEL, flag="--elbo",
+                             choices=lambda: ESTIMATORS)  # fmt: skip
+    k: int = setting(10, "number of clusters K", MODEL, minimum=2)
+    arch: str = setting("mlp", "networks; conv is the paper's convolutional nets, gmvae_w only",
+                        MODEL, choices=("mlp", "conv"))  # fmt: skip
+    hidden: int | list[int] | None = setting(
+        None, "hidden width, or comma-separated widths per layer such as 500,500,2000 "
+        "(default: the model's, 512,512 for Shu's models, 1000 for gmvae_w)", MODEL, widths=True,
+    )  # fmt: skip
+    latent_dim: int | None = setting(None, "dimension of z (Shu's models, default 64) or x "
+                                     "(gmvae_w, default 200)", MODEL, minimum=1)  # fmt: skip
+    w_dim: int | None = setting(None, "dimension of w (gmvae_w only, default 150)", MODEL,
+                                minimum=1)  # fmt: skip
+    likelihood: str | None = setting(None, "p(x|z) (default: bernoulli for binarised images, "
+                                     "else gaussian)", MODEL,
+                                     choices=("bernoulli", "gaussian"))  # fmt: skip
+    learn_weights: bool = setting(False, "gmvae: learn the mixture weights p(y) (VaDE) instead "
+                                  "of keeping them uniform", MODEL)  # fmt: skip
+    covariance: str = setting("diag", "gmvae: covariance of each prior component p(z|y) (diag "
+                              "is Shu's)", MODEL, choices=("diag", "full"))  # fmt: skip
     # The initialisation stage (pyro_gmvae.init): autoencoder pretraining, then "gmm" or "umap".
-    init: str = "none"
-    pretrain_epochs: int = 0
-    augment: bool = False  # pretrain on randomly rotated and shifted images (DEC-DA)
-    recipe: str | None = None  # the preset of RECIPES these settings started from (provenance)
-    out: str = "runs/latest"
-    progress: bool = True
+    init: str = setting("none", "initialisation stage after autoencoder pretraining (gmvae): "
+                        "gmm = a GaussianMixture on the codes sets p(z|y); umap = the encoder "
+                        "is fitted to a UMAP embedding of the data, the mixture found there",
+                        MODEL, choices=INIT_METHODS)  # fmt: skip
+    pretrain_epochs: int = setting(0, "epochs of autoencoder pretraining before the mixture "
+                                   "VAE (gmvae)", MODEL, minimum=0)  # fmt: skip
+    augment: bool = setting(False, "pretrain the autoencoder on randomly rotated (±10°) and "
+                            "shifted (±10 %%) images (DEC-DA)", MODEL)  # fmt: skip
+    epochs: int = setting(100, "passes over the training set", OBJECTIVE, minimum=1)
+    batch_size: int = setting(100, "minibatch size", OBJECTIVE, minimum=1)
+    lr: float = setting(1e-3, "learning rate", OBJECTIVE, above=0)
+    lr_decay: float = setting(1.0, "multiply the learning rate by this every epoch", OBJECTIVE,
+                              above=0, maximum=1)  # fmt: skip
+    optimizer: str = setting("adam", "optimiser", OBJECTIVE, choices=lambda: OPTIMIZERS)
+    clip_norm: float | None = setting(None, "clip gradients to this global L2 norm (default: no "
+                                      "clipping)", OBJECTIVE, above=0)  # fmt: skip
+    free_bits: float = setting(0.0, "λ, nats: the cluster KL term counts as max(λ, batch-mean "
+                               "KL) (0.5 for gmvae_w, the paper's constraint)", OBJECTIVE,
+                               minimum=0)  # fmt: skip
+    kl_weight: float = setting(1.0, "β, weight of the cluster KL term", OBJECTIVE, minimum=0)
+    kl_warmup_epochs: int = setting(0, "ramp β linearly over this many epochs", OBJECTIVE,
+                                    minimum=0)  # fmt: skip
+    mc_samples: int = setting(1, "M, Monte-Carlo samples of the continuous latents per point",
+                              OBJECTIVE, minimum=1)  # fmt: skip
+    on_nan: str = setting("raise", "on a non-finite loss stop, or restore the last good state "
+                          "and go on", OBJECTIVE, choices=("raise", "rollback"))  # fmt: skip
+    dataset: str = setting("mnist", f"one of {', '.join(DATASETS)}, or your own data: the path "
+                           "of a .npy/.npz array file or of a folder of PNG/JPEG images",
+                           DATA)  # fmt: skip
+    data_dir: str | None = setting(None, "data root holding MNIST/raw etc. (default: "
+                                   "$PYRO_GMVAE_DATA, else ./data)", DATA)  # fmt: skip
+    limit: int | None = setting(None, "train on the first N training images only (smoke runs; "
+                                "default: all)", DATA, minimum=1)  # fmt: skip
+    # A budget measure: every evaluation costs K decoder passes per test point. It changes what
+    # metrics.jsonl holds, so it is not resumable.
+    test_limit: int | None = setting(None, "evaluate on the first N test images only (default: "
+                                     "all); a resumed run keeps it", DATA, minimum=1)  # fmt: skip
+    validation: int | None = setting(None, "hold out the last N training images and evaluate "
+                                     "on them instead of the test split (to choose settings "
+                                     "without the test labels)", DATA, minimum=1)  # fmt: skip
+    binarize: str = setting("dynamic", "'dynamic': a fresh Bernoulli draw of every batch (both "
+                            "sources); none for real-valued data such as arcs", DATA,
+                            choices=BINARIZE)  # fmt: skip
+    seed: int = setting(0, "random seed", RUN, minimum=0)
+    device: str | None = setting(None, "cpu, cuda, cuda:N (default: cuda when available, else "
+                                 "cpu)", RUN)  # fmt: skip
+    eval_every: int = setting(1, "evaluate every N epochs (the last epoch is always evaluated)",
+                              RUN, minimum=1)  # fmt: skip
+    eval_batch_size: int = setting(1000, "test-set batch size", RUN, minimum=1)
+    iw_samples: int = setting(0, "S for a final importance-weighted bound on log p(x) (0: "
+                              "skipped; it costs K·S decoder passes per test image)", RUN,
+                              minimum=0)  # fmt: skip
+    out: str = setting("runs/latest", "run directory", RUN)
+    progress: bool = setting(True, "progress bars", RUN, flag="--no-progress")
 
     def validate(self) -> "RunConfig":
-        """One clear error for an invalid setting or combination, before any work."""
+        """One clear error (``ValueError("field: message")``) for an invalid setting or
+        combination, before any work: each field against its own constraints, then the
+        combinations."""
 
         def bad(flag, message):
             raise ValueError(f"{flag}: {message}")
 
-        if self.model not in MODELS:
-            bad("model", f"unknown model {self.model!r}; choose one of {sorted(MODELS)}")
+        for f in dataclasses.fields(self):
+            problem = _setting_problem(f, getattr(self, f.name))
+            if problem:
+                bad(f.name, problem)
         if self.dataset not in DATASETS and not is_user_data(self.dataset):
             bad("dataset", f"unknown dataset {self.dataset!r}; choose one of {DATASETS}, or give "
                 "the path of a .npy/.npz file or of a folder of images")  # fmt: skip
-        if self.binarize not in BINARIZE:
-            bad("binarize", f"choose one of {BINARIZE}, got {self.binarize!r}")
         if self.dataset == "arcs" and self.binarize != "none":
             bad("binarize", "the arcs dataset is real-valued 2-D points; use binarize='none'")
-        if self.arch not in ("mlp", "conv"):
-            bad("arch", f"choose 'mlp' or 'conv', got {self.arch!r}")
         if self.arch == "conv" and self.model != "gmvae_w":
-            bad(
-                "arch",
-                "the convolutional networks (Dilokthanakul et al., Tables A.1-A.3) are for --model gmvae_w",
-            )
+            bad("arch", "the convolutional networks (Dilokthanakul et al., Tables A.1-A.3) are "
+                "for --model gmvae_w")  # fmt: skip
         if self.arch == "conv" and self.dataset == "arcs":
             bad("arch", "the arcs dataset is 2-D points, not images; use --arch mlp")
-        if self.likelihood not in (None, "bernoulli", "gaussian"):
-            bad("likelihood", f"choose 'bernoulli' or 'gaussian', got {self.likelihood!r}")
         if self.likelihood_name() == "bernoulli" and (
             self.binarize == "none" or self.dataset == "arcs"
         ):
-            bad(
-                "likelihood",
-                "a Bernoulli likelihood needs binarised data (binarize='dynamic', not arcs)",
-            )
-        for name in ("k", "epochs", "batch_size", "mc_samples", "eval_every", "eval_batch_size"):
-            value = getattr(self, name)
-            minimum = 2 if name == "k" else 1
-            if not isinstance(value, int) or value < minimum:
-                bad(name, f"must be an integer >= {minimum}, got {value!r}")
-        hidden = self.hidden if isinstance(self.hidden, list) else [self.hidden]
-        if self.hidden is not None and (
-            not hidden or not all(isinstance(h, int) and h >= 1 for h in hidden)
-        ):
-            bad("hidden", f"must be a positive integer or a list of them, got {self.hidden!r}")
+            bad("likelihood", "a Bernoulli likelihood needs binarised data (binarize='dynamic', "
+                "not arcs)")  # fmt: skip
         if isinstance(self.hidden, list) and self.model == "gmvae_w":
             bad("hidden", "gmvae_w takes one hidden width")
         if self.validation is not None and (self.dataset == "arcs" or is_user_data(self.dataset)):
             bad("validation", "a validation split is carved from a named dataset's training split")
-        for name in ("limit", "test_limit", "latent_dim", "w_dim", "validation"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                bad(name, f"must be a positive integer, got {value!r}")
         if self.w_dim is not None and self.model != "gmvae_w":
             bad("w_dim", "only --model gmvae_w has a w latent")
-        if not self.lr > 0:
-            bad("lr", f"must be > 0, got {self.lr}")
-        if self.free_bits < 0 or self.kl_weight < 0:
-            bad("free_bits/kl_weight", "must be >= 0")
-        if self.iw_samples < 0 or self.kl_warmup_epochs < 0:
-            bad("iw_samples/kl_warmup_epochs", "must be >= 0")
         if self.limit is not None and self.limit < self.batch_size:
             bad("limit", f"keeps {self.limit} points, fewer than one batch of {self.batch_size}")
-        if self.guide is not None and self.guide not in GUIDES:
-            bad("guide", f"unknown guide {self.guide!r}; choose one of {sorted(GUIDES)}")
         if self.guide is not None and self.model not in GUIDE_FITS[self.guide]:
             fitting = sorted(g for g, fits in GUIDE_FITS.items() if self.model in fits)
-            bad(
-                "guide",
-                f"{self.guide!r} does not fit model {self.model!r}; guides that fit: {fitting}",
-            )
-        if self.estimator not in ESTIMATORS:
-            bad(
-                "estimator",
-                f"unknown estimator {self.estimator!r}; choose one of {sorted(ESTIMATORS)}",
-            )
-        if self.optimizer not in OPTIMIZERS:
-            bad(
-                "optimizer",
-                f"unknown optimizer {self.optimizer!r}; choose one of {sorted(OPTIMIZERS)}",
-            )
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            bad("clip_norm", f"must be > 0 or None, got {self.clip_norm}")
-        if self.on_nan not in ("raise", "rollback"):
-            bad("on_nan", f"choose 'raise' or 'rollback', got {self.on_nan!r}")
-        if not 0 < self.lr_decay <= 1:
-            bad("lr_decay", f"must be in (0, 1], got {self.lr_decay}")
-        if self.covariance not in ("diag", "full"):
-            bad("covariance", f"choose 'diag' or 'full', got {self.covariance!r}")
-        if self.covariance != "diag" and self.model != "gmvae":
-            bad("covariance", "only gmvae has a Gaussian mixture prior p(z|y)")
-        if self.learn_weights and self.model != "gmvae":
-            bad("learn_weights", "only gmvae has a learnable mixture prior")
-        if self.init not in INIT_METHODS:
-            bad("init", f"choose one of {INIT_METHODS}, got {self.init!r}")
-        if self.init != "none" and self.model != "gmvae":
-            bad(
-                "init", "the initialisation fits a Gaussian mixture prior p(z|y): use --model gmvae"
-            )
-        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
-            bad("pretrain_epochs", f"must be an integer >= 0, got {self.pretrain_epochs!r}")
-        if (self.init != "none" or self.pretrain_epochs) and self.model != "gmvae":
-            bad("pretrain_epochs", "autoencoder pretraining is for --model gmvae")
+            bad("guide", f"{self.guide!r} does not fit model {self.model!r}; guides that fit: "
+                f"{fitting}")  # fmt: skip
+        gmvae_only = {
+            "covariance": self.covariance != "diag", "learn_weights": self.learn_weights,
+            "init": self.init != "none", "pretrain_epochs": self.pretrain_epochs > 0,
+        }  # fmt: skip
+        for name, used in gmvae_only.items():
+            if used and self.model != "gmvae":
+                bad(name, "it sets up the Gaussian mixture prior p(z|y) of --model gmvae")
         if self.augment and (self.dataset == "arcs" or not self.pretrain_epochs):
             bad("augment", "augments the images of autoencoder pretraining: needs an image "
                 "dataset and pretrain_epochs > 0")  # fmt: skip
-        if self.recipe is not None and self.recipe not in RECIPES:
-            bad("recipe", f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
         return self
 
     def likelihood_name(self) -> str:
@@ -243,6 +249,51 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def setting_choices(f: dataclasses.Field):
+    """The allowed values of a :func:`setting` field (None: any)."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def setting_kind(f: dataclasses.Field) -> type:
+    """The type a :func:`setting` field's values take: bool, int, float or str."""
+    if f.metadata.get("widths"):
+        return int
+    return next(t for t in (bool, int, float, str) if t.__name__ in str(f.type))
+
+
+def _setting_problem(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with ``value`` for field ``f`` on its own, or None."""
+    m = f.metadata
+    if value is None:
+        return None if f.default is None else "must be given, got None"
+    choices = setting_choices(f)
+    if choices is not None:
+        return None if value in choices else f"choose one of {sorted(choices)}, got {value!r}"
+    kind = setting_kind(f)
+    if m.get("widths"):
+        values = value if isinstance(value, list) else [value]
+        ok = values and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values
+        )
+        return None if ok else f"must be a positive integer or a list of them, got {value!r}"
+    if kind is bool:
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if kind is int and (not isinstance(value, int) or isinstance(value, bool)):
+        return f"must be an integer, got {value!r}"
+    if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                          or not math.isfinite(value)):  # fmt: skip
+        return f"must be a finite number, got {value!r}"
+    what = "an integer" if kind is int else "a number"
+    if m.get("minimum") is not None and value < m["minimum"]:
+        return f"must be {what} >= {m['minimum']}, got {value!r}"
+    if m.get("above") is not None and not value > m["above"]:
+        return f"must be {what} > {m['above']}, got {value!r}"
+    if m.get("maximum") is not None and value > m["maximum"]:
+        return f"must be {what} <= {m['maximum']}, got {value!r}"
+    return None
 
 
 def load_data(cfg: RunConfig, device):
