@@ -18,6 +18,9 @@ def make_model(name, **kwargs):
     return MODELS[name](**kwargs)
 
 
+# After MODELS: the harness builds models through this package's registry.
+from .run import RunConfig, load_run  # noqa: E402
+
 __all__ = [
     "GMVAE",
     "GMVAEClustering",
@@ -26,6 +29,8 @@ __all__ = [
     "M2",
     "MODELS",
     "ModifiedM2",
+    "RunConfig",
+    "load_run",
     "make_guide",
     "make_model",
 ]

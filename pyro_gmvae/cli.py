@@ -403,7 +403,7 @@ def main(argv=None, prog="mnist_unsup.py") -> dict:
                  f"none yet) with: {again} --resume --out {cfg.out}")  # fmt: skip
     from pyro_gmvae.plots import make_figures  # matplotlib and torchvision: only once needed
 
-    model, guide = load_run(cfg.out, device=device)
+    model, guide = summary.model_, summary.guide_
     test = evaluated_test_set(cfg, test, device)
     figures = make_figures(cfg.out, model, guide, test.x, test.labels, test.image_shape,
                            seed=cfg.seed)  # fmt: skip

@@ -519,8 +519,18 @@ def _stop_on_signals():
             signal.signal(sig, old)
 
 
-def run(cfg: RunConfig, resume: bool = False, log=None) -> dict:
-    """Train and evaluate as ``cfg`` says; returns the final summary (also in summary.json).
+class RunResult(dict):
+    """The final summary of a run (what summary.json holds), carrying the trained model and
+    guide as ``model_`` and ``guide_`` (in eval mode), so no caller reloads them from disk."""
+
+    def __init__(self, summary: dict, model_, guide_):
+        super().__init__(summary)
+        self.model_, self.guide_ = model_, guide_
+
+
+def run(cfg: RunConfig, resume: bool = False, log=None) -> RunResult:
+    """Train and evaluate as ``cfg`` says; returns the final summary (also in summary.json)
+    with the trained model and guide (:class:`RunResult`).
 
     ``resume=True`` continues from the run directory's checkpoint (the exact state, mid-epoch
     after an interrupt); a directory whose run stopped before its first checkpoint starts over.
@@ -639,7 +649,8 @@ def _run(cfg, out, device, start, log, stop):
                    model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset,
                    rollbacks=trainer.rollbacks_total, complete=True)  # fmt: skip
     write_json(summary, out / "summary.json")
-    return summary
+    trainer.model.eval(), trainer.guide.eval()
+    return RunResult(summary, model_=trainer.model, guide_=trainer.guide)
 
 
 def _train_epochs(

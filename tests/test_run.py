@@ -495,3 +495,17 @@ def test_validation_split_is_carved_from_the_training_images(tmp_path, monkeypat
     assert torch.equal(held_out.x, R.binarize_fixed(full.x[200:], seed=0))  # binarised once
     with pytest.raises(ValueError, match="validation"):
         dataclasses.replace(cfg, dataset="arcs", binarize="none").validate()
+
+
+def test_run_returns_the_trained_model_and_guide(tmp_path):
+    """run()'s summary carries the trained pair: the same weights load_run reads back."""
+    import pyro_gmvae
+
+    summary = run(config(tmp_path, epochs=1))
+    model, guide = pyro_gmvae.load_run(tmp_path)
+    assert summary["model"] == "gmvae" and not summary.model_.training
+    for trained, loaded in ((summary.model_, model), (summary.guide_, guide)):
+        trained_state, loaded_state = trained.state_dict(), loaded.state_dict()
+        assert trained_state.keys() == loaded_state.keys()
+        for name, value in trained_state.items():
+            torch.testing.assert_close(value, loaded_state[name], rtol=0, atol=0)
