@@ -45,6 +45,7 @@ from pyro_gmvae.data import (
     load_dataset,
     load_user_data,
 )
+from pyro_gmvae.guides import GuideError
 from pyro_gmvae.run import (
     CHECKPOINT,
     DATA,
@@ -56,6 +57,7 @@ from pyro_gmvae.run import (
     RunConfig,
     RunInterrupted,
     RunLockedError,
+    SettingError,
     build_model,
     load_config,
     load_data,
@@ -266,10 +268,8 @@ def check_config(cfg: RunConfig, parser, download=True):
     Returns the device and the raw test split (None for arcs)."""
     try:
         cfg.validate()
-    except ValueError as err:
-        field, _, message = str(err).partition(": ")
-        flags = "/".join(flag(f) for f in field.split("/"))
-        parser.error(f"argument {flags}: {one_line(message)}")
+    except SettingError as err:
+        parser.error(f"argument {flag(err.field)}: {one_line(err.message)}")
     try:
         device = resolve_device(cfg.device)
     except (ValueError, RuntimeError) as err:
@@ -299,10 +299,10 @@ def dry_run(cfg: RunConfig, parser, data_dim=None, shape=None) -> None:
     with torch.random.fork_rng(devices=[]):
         try:
             model, guide = build_model(cfg, data_dim, shape)
+        except GuideError as err:
+            parser.error(f"argument --guide: {one_line(err)}")
         except ValueError as err:
-            parser.error(
-                f"argument {'--guide' if 'guide' in str(err) else '--model'}: {one_line(err)}"
-            )
+            parser.error(f"argument --model: {one_line(err)}")
         fake = torch.rand(2, data_dim)
         if model.likelihood == "bernoulli":
             fake = torch.bernoulli(fake)

@@ -77,12 +77,8 @@ def _input_checks_off():
     scikit-learn has validated the data once; every check would read values back from the
     device again (the trainer turns them off for the same reason).
     """
-    previous = nets.validation_enabled()
-    nets.set_validation(False)
-    try:
+    with nets.data_checks(False):
         yield
-    finally:
-        nets.set_validation(previous)
 
 
 @contextlib.contextmanager

@@ -570,17 +570,21 @@ GUIDES = {
 GUIDE_FITS = {name: tuple(guide.fits) for name, guide in GUIDES.items()}
 
 
+class GuideError(ValueError):
+    """An unknown guide name, or a guide that does not fit the model."""
+
+
 def make_guide(name, model, **kwargs):
     """The guide registered as ``name`` for ``model`` (one clear error if it does not fit)."""
     if name is None:
         name = model.default_guide
     if name not in GUIDES:
-        raise ValueError(f"unknown guide {name!r}; choose one of {sorted(GUIDES)}")
+        raise GuideError(f"unknown guide {name!r}; choose one of {sorted(GUIDES)}")
     if model.name not in GUIDE_FITS[name]:
         fitting = sorted(g for g, fits in GUIDE_FITS.items() if model.name in fits)
         misfit = getattr(GUIDES[name], "misfit", None)
         why = f" ({misfit})" if misfit else ""
-        raise ValueError(
+        raise GuideError(
             f"guide {name!r} does not fit model {model.name!r}{why}; guides that fit: {fitting}"
         )
     return GUIDES[name](model, **kwargs)

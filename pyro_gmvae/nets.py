@@ -4,6 +4,7 @@ Every module here accepts inputs with arbitrary leading batch dims, because para
 of the cluster (and vectorised particles) prepend dims such as (K, 1, ...) to the usual (B, ...).
 """
 
+import contextlib
 import math
 import numbers
 
@@ -29,6 +30,17 @@ def set_validation(enabled: bool) -> None:
 
 def validation_enabled() -> bool:
     return _VALIDATE
+
+
+@contextlib.contextmanager
+def data_checks(enabled: bool):
+    """The per-call input checks on or off inside the block, as they were afterwards."""
+    previous = _VALIDATE
+    set_validation(enabled)
+    try:
+        yield
+    finally:
+        set_validation(previous)
 
 
 def check_data(x: torch.Tensor, data_dim: int, likelihood: str) -> None:

@@ -37,7 +37,7 @@ from .estimators import ESTIMATORS
 from .evaluate import evaluate, iw_log_likelihood
 from .guides import GUIDE_FITS, GUIDES, make_guide
 from .init import INIT_METHODS, autoencoder_loss, initialise
-from .nets import set_validation
+from .nets import data_checks
 from .train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "svhn", "arcs")
@@ -77,6 +77,15 @@ RECIPES = {
 DEFAULT_RECIPE = "vade-umap"
 # Settings that may change on resume without changing what the run computes.
 RESUMABLE_CHANGES = ("epochs", "device", "progress", "data_dir", "out")
+
+
+class SettingError(ValueError):
+    """An invalid run setting: ``field`` names it (the CLI names its flag); the message is
+    ``"field: what is wrong"``."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
 
 
 def setting(default, help, group, *, choices=None, minimum=None, above=None, maximum=None,
@@ -196,8 +205,8 @@ class RunConfig:
         combination, before any work: each field against its own constraints, then the
         combinations."""
 
-        def bad(flag, message):
-            raise ValueError(f"{flag}: {message}")
+        def bad(field, message):
+            raise SettingError(field, message)
 
         for f in dataclasses.fields(self):
             problem = _setting_problem(f, getattr(self, f.name))
@@ -621,8 +630,6 @@ def _run(cfg, out, device, start, log, stop):
         saved.setdefault("hardware", hardware(device))
         write_json({**saved, **resolved_config(cfg, model, guide, device)}, path)
 
-    # The data were checked once above; per-step checks would read back from the device.
-    set_validation(False)
     # Pyro's own checks (distribution arguments and supports) also read back, about 25 times a
     # step: they run on this process's first step, which catches a model or guide that is wrong,
     # and then stop; the trainer's NaN guard covers the loss and gradients from there on. A user
@@ -630,13 +637,14 @@ def _run(cfg, out, device, start, log, stop):
     pyro_checks = is_validation_enabled()
     last = (read_metrics(out) or [{}])[-1]
     t0 = time.perf_counter() - elapsed
+    # The data were checked once above; per-step checks would read back from the device.
     try:
         stop["armed"] = True
-        last = _train_epochs(cfg, out, trainer, train, test, batches, position, (t0, cpu0), last,
-                             stop, pyro_checks)  # fmt: skip
+        with data_checks(False):
+            last = _train_epochs(cfg, out, trainer, train, test, batches, position, (t0, cpu0),
+                                 last, stop, pyro_checks)  # fmt: skip
     finally:
         stop["armed"] = False
-        set_validation(True)
 
     summary = dict(last)
     if cfg.iw_samples:
