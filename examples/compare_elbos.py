@@ -35,7 +35,13 @@ from pathlib import Path
 
 import matplotlib
 
-from pyro_gmvae.compare import markdown_table, read_summary, run_or_reuse, write_results
+from pyro_gmvae.compare import (
+    comparison_curves,
+    markdown_table,
+    read_summary,
+    run_or_reuse,
+    write_results,
+)
 from pyro_gmvae.plots import plot_comparison
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
@@ -264,7 +270,7 @@ def plot_curves(dirs, k, path):
               ("cond_entropy", "epoch", "H(Y|X) (nats)"),
               ("neg_test_elbo", "epoch", "test −ELBO (nats)"),
               ("neg_test_elbo", "time_s", "test −ELBO (nats) vs wall time (s)"))  # fmt: skip
-    plot_comparison(dirs, panels, k, path, colors)
+    plot_comparison(comparison_curves(dirs, panels), panels, k, path, colors)
 
 
 def final_table(dirs):

@@ -37,7 +37,13 @@ from pathlib import Path
 
 import matplotlib
 
-from pyro_gmvae.compare import markdown_table, read_summary, run_or_reuse, write_results
+from pyro_gmvae.compare import (
+    comparison_curves,
+    markdown_table,
+    read_summary,
+    run_or_reuse,
+    write_results,
+)
 from pyro_gmvae.plots import plot_comparison
 from pyro_gmvae.run import RunConfig
 
@@ -136,7 +142,7 @@ def plot_curves(dirs, k, path):
     panels = (("acc_hungarian", "epoch", "test accuracy (Hungarian)"),
               ("cond_entropy", "epoch", "H(Y|X) (nats)"),
               ("neg_test_elbo", "epoch", "test −ELBO (nats)"))  # fmt: skip
-    plot_comparison(dirs, panels, k, path, colors)
+    plot_comparison(comparison_curves(dirs, panels), panels, k, path, colors)
 
 
 def final_table(dirs) -> tuple[str, dict]:

@@ -62,6 +62,7 @@ from pyro_gmvae.run import (
     load_config,
     load_data,
     load_run,
+    read_metrics,
     run,
     run_status,
     setting_choices,
@@ -406,7 +407,7 @@ def main(argv=None, prog="mnist_unsup.py") -> dict:
     model, guide = summary.model_, summary.guide_
     test = evaluated_test_set(cfg, test, device)
     figures = make_figures(cfg.out, model, guide, test.x, test.labels, test.image_shape,
-                           seed=cfg.seed)  # fmt: skip
+                           rows=read_metrics(cfg.out), seed=cfg.seed)  # fmt: skip
     print(format_summary(summary, cfg, figures), flush=True)
     return summary
 

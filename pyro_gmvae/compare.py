@@ -64,6 +64,16 @@ def metric_curves(run_dirs, key: str, x_key: str = "epoch"):
     return xs, values
 
 
+def comparison_curves(dirs: dict, panels) -> dict:
+    """For :func:`pyro_gmvae.plots.plot_comparison`: ``dirs`` maps (model, variant) to run
+    directories (one per seed); returns (model, variant) -> {(key, x key): (xs, values)} for
+    each panel's (key, x key, title)."""
+    return {
+        group: {(key, x_key): metric_curves(run_dirs, key, x_key) for key, x_key, _ in panels}
+        for group, run_dirs in dirs.items()
+    }
+
+
 def mean_std(values, scale: float = 1.0, digits: int = 2) -> str:
     """``"mean ± std"`` of ``values`` times ``scale``, with the population std (numpy's default,
     ddof = 0); NaNs are left out, and all-NaN values show as ``"–"``."""

@@ -22,11 +22,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .compare import metric_curves
 from .guides import point_estimate
 from .metrics import contingency
 from .nets import mean_image
-from .run import read_metrics
 
 FIGURES = ("curves", "samples", "traversal", "reconstructions", "confusion")
 ACCURACIES = (
@@ -81,21 +79,23 @@ def plot_seed_bands(ax, xs, values, label=None, color=None, style="-"):
     ax.fill_between(xs, mean - std, mean + std, color=color, alpha=0.2)
 
 
-def plot_comparison(dirs, panels, k, path, colors):
+def plot_comparison(curves, panels, k, path, colors):
     """One row of panels per model, one :func:`plot_seed_bands` line per variant in each panel.
 
-    ``dirs`` maps (model, variant) to the variant's run directories (one per seed); ``panels``
-    is a sequence of (metric key, x key, title), the x key ``"epoch"`` or ``"time_s"``;
-    ``colors`` maps a variant to its colour. H(Y|X) panels get the collapse line log K.
+    ``curves`` maps (model, variant) to {(metric key, x key): (xs, values)}, values of shape
+    (seeds, evaluations) (:func:`pyro_gmvae.compare.comparison_curves` reads them from run
+    directories); ``panels`` is a sequence of (metric key, x key, title), the x key ``"epoch"``
+    or ``"time_s"``; ``colors`` maps a variant to its colour. H(Y|X) panels get the collapse
+    line log K.
     """
-    models = list(dict.fromkeys(m for m, _ in dirs))
+    models = list(dict.fromkeys(m for m, _ in curves))
     fig = Figure(figsize=(4.25 * len(panels), 3.6 * len(models)))
     axes = fig.subplots(len(models), len(panels), squeeze=False)
     for row, model in zip(axes, models):
         for ax, (key, x_key, title) in zip(row, panels):
-            for (m, variant), run_dirs in dirs.items():
+            for (m, variant), of_variant in curves.items():
                 if m == model:
-                    xs, values = metric_curves(run_dirs, key, x_key)
+                    xs, values = of_variant[key, x_key]
                     plot_seed_bands(ax, xs, values, label=variant, color=colors[variant])
             if key == "cond_entropy":
                 ax.axhline(math.log(k), color="k", lw=0.8, ls=":", label="log K")
@@ -289,12 +289,14 @@ def reconstruction_grid(model, guide, x, clusters, n_cols=10, n_rows=4) -> torch
 
 
 @torch.no_grad()
-def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols=10, seed=0):
-    """Write every figure of a run into ``run_dir``; returns {figure name: path}.
+def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, rows=(), n_cols=10,
+                 seed=0):  # fmt: skip
+    """Write every figure of a run into the folder ``run_dir``; returns {figure name: path}.
 
-    ``model`` and ``guide`` are trained (e.g. from :func:`pyro_gmvae.run.load_run`), ``test_x``
-    the evaluated test set (N, D) and ``test_labels`` its labels. With ``image_shape`` None
-    (vector data such as the arcs) the image figures are replaced by a scatter plot when D = 2.
+    ``model`` and ``guide`` are trained (e.g. from :func:`pyro_gmvae.load_run`), ``test_x``
+    the evaluated test set (N, D), ``test_labels`` its labels and ``rows`` the run's evaluations
+    (what ``metrics.jsonl`` holds; none: no curves). With ``image_shape`` None (vector data such
+    as the arcs) the image figures are replaced by a scatter plot when D = 2.
     """
     run_dir = Path(run_dir)
     was_training = model.training, guide.training
@@ -309,7 +311,7 @@ def make_figures(run_dir, model, guide, test_x, test_labels, image_shape, n_cols
                              clusters.cpu().numpy(), n_clusters=model.k,
                              n_classes=int(labels.max()) + 1 if labelled else 1)  # fmt: skip
         paths = {}
-        rows = read_metrics(run_dir)
+        rows = list(rows)
         name = f"{model.name}, K = {model.k}"
         if rows:
             paths["curves"] = plot_curves(rows, model.k, run_dir / "curves.png", title=name)
