@@ -1,6 +1,6 @@
 """Time whole training epochs, measured rather than extrapolated from one step.
 
-The loop is the main job's (``pyro_gmvae.run``) without its evaluations: MNIST's 60k training
+The loop is the main job's (``pyro_gmvae.harness.run``) without its evaluations: MNIST's 60k training
 images resident on the device, a seeded row permutation and dynamic binarisation per batch
 (``data.iterate_minibatches``), ``Trainer.step`` with Pyro's validation on for the first step
 only, and the loss summed on the device and read back once per epoch. Wall time, with a device
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_step import metadata, sync  # noqa: E402
 from pyro_gmvae import MODELS, make_guide, make_model  # noqa: E402
-from pyro_gmvae.data import iterate_minibatches, load_dataset  # noqa: E402
+from pyro_gmvae.harness.data import iterate_minibatches, load_dataset  # noqa: E402
 from pyro_gmvae.nets import set_validation  # noqa: E402
 from pyro_gmvae.train import Trainer, resolve_device  # noqa: E402
 

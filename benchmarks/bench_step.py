@@ -54,8 +54,8 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 from benchmarks.reference import has_naive_variant, reference_loss  # noqa: E402
 from pyro_gmvae import make_guide, make_model  # noqa: E402
 from pyro_gmvae.estimators import make_estimator  # noqa: E402
+from pyro_gmvae.harness.run import git_commit  # noqa: E402
 from pyro_gmvae.nets import set_validation, validation_enabled  # noqa: E402
-from pyro_gmvae.run import git_commit  # noqa: E402
 from pyro_gmvae.train import make_optimizer  # noqa: E402
 
 MODEL_NAMES = ("m2", "modified_m2", "gmvae", "gmvae_w")

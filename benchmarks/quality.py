@@ -1,6 +1,6 @@
 """Clustering quality of the recipes over seeds: the numbers behind docs/results.md.
 
-Runs every recipe × seed of ``pyro_gmvae.run.RECIPES`` on a dataset at a given budget, as
+Runs every recipe × seed of ``pyro_gmvae.harness.run.RECIPES`` on a dataset at a given budget, as
 parallel processes (``--workers``, one thread each, at most the core count), each in its own run
 directory (a finished run is reused, an interrupted one resumed), and writes
 
@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pyro_gmvae.compare import run_or_reuse  # noqa: E402
-from pyro_gmvae.run import RECIPES, RunConfig, git_commit, hardware, read_metrics  # noqa: E402
+from pyro_gmvae.harness.compare import run_or_reuse  # noqa: E402
+from pyro_gmvae.harness.run import RECIPES, RunConfig, git_commit, hardware, read_metrics  # noqa: E402
 
 # Settings a budget may override, with their types.
 OVERRIDES = {"epochs": int, "pretrain_epochs": int, "limit": int, "test_limit": int,

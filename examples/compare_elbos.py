@@ -10,7 +10,7 @@ wake-sleep, Bornschein & Bengio 2015; ``tmc``: tensor Monte Carlo, Aitchison 201
 
 The script does two things for every (model, estimator) pair that the estimator accepts:
 
-1. trains it with several seeds through :func:`pyro_gmvae.run.run` (one run directory each, so an
+1. trains it with several seeds through :func:`pyro_gmvae.harness.run.run` (one run directory each, so an
    interrupted comparison resumes), the same networks, learning rate and data for all;
 2. at the parameters of the first seed's ``enum`` run, draws the cluster encoder's gradient
    (q(y|x), or gmvae_w's p(c|x,w)) ``--grad-draws`` times from each estimator on one fixed batch:
@@ -35,14 +35,14 @@ from pathlib import Path
 
 import matplotlib
 
-from pyro_gmvae.compare import (
+from pyro_gmvae.harness.compare import (
     comparison_curves,
     markdown_table,
     read_summary,
     run_or_reuse,
     write_results,
 )
-from pyro_gmvae.plots import plot_comparison
+from pyro_gmvae.harness.plots import plot_comparison
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
 ESTIMATORS = ("enum", "enum-jit", "score", "graph", "relaxed", "tmc", "iwae-enum", "rws")
@@ -112,7 +112,7 @@ def num_particles(args, estimator):
 
 
 def config(args, model, estimator, seed, out):
-    from pyro_gmvae.run import RunConfig
+    from pyro_gmvae.harness.run import RunConfig
 
     return RunConfig(
         model=model, guide=guide_for(model, estimator), estimator=estimator, k=args.k,
@@ -128,7 +128,7 @@ def refusal(args, model, estimator):
     """Why ``estimator`` refuses the model's guide (None if it accepts it), from tiny networks."""
     from pyro_gmvae.estimators import make_estimator
     from pyro_gmvae.guides import GUIDE_FITS
-    from pyro_gmvae.run import build_model
+    from pyro_gmvae.harness.run import build_model
 
     guide = guide_for(model, estimator)
     if guide is not None and model not in GUIDE_FITS[guide]:
@@ -196,10 +196,10 @@ def gradient_study(args, dirs):
     import pyro
     import torch
 
-    from pyro_gmvae.data import binarize_fixed
     from pyro_gmvae.estimators import make_estimator
     from pyro_gmvae.guides import make_guide
-    from pyro_gmvae.run import load_config, load_data, load_run
+    from pyro_gmvae.harness.data import binarize_fixed
+    from pyro_gmvae.harness.run import load_config, load_data, load_run
 
     results = {}
     for model_name in args.models:

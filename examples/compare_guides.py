@@ -12,7 +12,7 @@ GMVAE the flows should not hurt clustering. The relaxed cluster guide
 y for one reparameterised draw, as jariasf/GMVAE does (τ annealed 1.0 -> 0.5).
 
 The script trains every (model, guide) pair that fits, with several seeds, through
-:func:`pyro_gmvae.run.run` (one run directory each, so an interrupted comparison resumes), then
+:func:`pyro_gmvae.harness.run.run` (one run directory each, so an interrupted comparison resumes), then
 writes to ``--out``:
 
 * ``curves.png``: Hungarian test accuracy, H(Y|X) and test −ELBO against epoch, one row per
@@ -37,15 +37,15 @@ from pathlib import Path
 
 import matplotlib
 
-from pyro_gmvae.compare import (
+from pyro_gmvae.harness.compare import (
     comparison_curves,
     markdown_table,
     read_summary,
     run_or_reuse,
     write_results,
 )
-from pyro_gmvae.plots import plot_comparison
-from pyro_gmvae.run import RunConfig
+from pyro_gmvae.harness.plots import plot_comparison
+from pyro_gmvae.harness.run import RunConfig
 
 MODELS = ("m2", "modified_m2", "gmvae", "gmvae_w")
 GUIDES = ("mean_field", "iaf", "spline", "cond_iaf", "cond_spline", "relaxed")

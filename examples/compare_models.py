@@ -8,7 +8,7 @@ Shu ("Gaussian Mixture VAE: Lessons in Variational Inference, Generative Models,
 * modified M2 (a per-cluster affine map of z before the decoder) clusters better, with a worse loss;
 * GMVAE (a per-cluster Gaussian prior p(z|y)) clusters best.
 
-This script trains each model with several seeds through :func:`pyro_gmvae.run.run` (one run
+This script trains each model with several seeds through :func:`pyro_gmvae.harness.run.run` (one run
 directory per model and seed, so an interrupted comparison resumes), then writes
 
 * ``curves.png``: test accuracy (majority label, Shu's metric, solid; Hungarian, dashed),
@@ -25,15 +25,15 @@ import argparse
 import math
 from pathlib import Path
 
-from pyro_gmvae.compare import (
+from pyro_gmvae.harness.compare import (
     markdown_table,
     metric_curves,
     read_summary,
     run_or_reuse,
     write_results,
 )
-from pyro_gmvae.plots import plot_seed_bands
-from pyro_gmvae.run import RunConfig
+from pyro_gmvae.harness.plots import plot_seed_bands
+from pyro_gmvae.harness.run import RunConfig
 
 MODELS = ("m2", "modified_m2", "gmvae")
 LABELS = {"m2": "M2", "modified_m2": "modified M2", "gmvae": "GMVAE"}

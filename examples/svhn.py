@@ -7,7 +7,7 @@ accuracy. SVHN is colour, so the grey levels are not binarised: the likelihood i
 Gaussian on the [0, 1] pixel values (``likelihood="gaussian"``, ``binarize="none"``), whose
 decoder emits a mean and a variance per pixel. Row c of ``samples.png`` shows decoder means at
 x = μ_c(w): column 0 at w = 0, the other columns at one w ~ N(0, I) per column, shared by all
-rows (:func:`pyro_gmvae.plots.sample_grid`), so a column compares clusters at the same w.
+rows (:func:`pyro_gmvae.harness.plots.sample_grid`), so a column compares clusters at the same w.
 
 The data are read by ``torchvision.datasets.SVHN`` from ``--data-dir`` (or $PYRO_GMVAE_DATA):
 ``train_32x32.mat`` and ``test_32x32.mat``. Example (a GPU; the paper's x_dim 200, w_dim 150)::
@@ -42,8 +42,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from pyro_gmvae.plots import plot_image_grid, sample_grid
-    from pyro_gmvae.run import RunConfig, load_run, run
+    from pyro_gmvae.harness.plots import plot_image_grid, sample_grid
+    from pyro_gmvae.harness.run import RunConfig, load_run, run
 
     args = parse_args(argv)
     out = Path(args.out)

@@ -10,9 +10,9 @@ shows that
 * with free bits λ (the z-prior gradient is dropped while the batch-mean KL is below λ; the
   official code's ``version2`` default λ = 0.5) the clusters separate early (Fig. 3b).
 
-This script trains both runs through :func:`pyro_gmvae.run.run`, in chunks: ``run`` is called
+This script trains both runs through :func:`pyro_gmvae.harness.run.run`, in chunks: ``run`` is called
 with ``resume=True`` and a growing ``epochs`` (exact: the resumed run continues the same random
-streams), and between chunks the checkpoint is loaded with :func:`pyro_gmvae.run.load_run` to
+streams), and between chunks the checkpoint is loaded with :func:`pyro_gmvae.harness.run.load_run` to
 record a snapshot of the latent space (encoder means of x on the test points and the
 components' means and standard deviations at w = 0, the prior's mode). It writes
 
@@ -74,7 +74,7 @@ def parse_args(argv=None):
 
 
 def config(args, free_bits, out):
-    from pyro_gmvae.run import RunConfig
+    from pyro_gmvae.harness.run import RunConfig
 
     return RunConfig(
         model="gmvae_w", dataset="arcs", k=args.k, latent_dim=args.x_dim, w_dim=args.w_dim,
@@ -87,7 +87,7 @@ def config(args, free_bits, out):
 @torch.no_grad()
 def snapshot(run_dir, test_x):
     """Encoder means of x on the test points, and the components at w = 0."""
-    from pyro_gmvae.run import load_run
+    from pyro_gmvae.harness.run import load_run
 
     model, guide = load_run(run_dir)
     q_x, _ = guide.latent_dists(test_x)
@@ -103,7 +103,7 @@ def snapshot(run_dir, test_x):
 
 def train_with_snapshots(args, key, free_bits):
     """Train one run in chunks ending at the snapshot epochs; returns {epoch: snapshot}."""
-    from pyro_gmvae.run import load_data, run
+    from pyro_gmvae.harness.run import load_data, run
     from pyro_gmvae.train import resolve_device
 
     run_dir = Path(args.out) / key
@@ -125,7 +125,7 @@ def train_with_snapshots(args, key, free_bits):
 
 
 def _done_epochs(run_dir):
-    from pyro_gmvae.run import read_metrics
+    from pyro_gmvae.harness.run import read_metrics
 
     rows = read_metrics(run_dir) if (run_dir / "checkpoint.pt").exists() else []
     return rows[-1]["epoch"] if rows else 0
@@ -165,7 +165,7 @@ def plot_latents(all_snaps, test_labels, labels, path):
 def plot_zprior(run_dirs, labels, free_bits, path):
     from matplotlib.figure import Figure
 
-    from pyro_gmvae.run import read_metrics
+    from pyro_gmvae.harness.run import read_metrics
 
     fig = Figure(figsize=(5.5, 3.5))
     ax = fig.subplots()
@@ -185,8 +185,8 @@ def plot_zprior(run_dirs, labels, free_bits, path):
 @torch.no_grad()
 def sample_model(run_dir, n, seed=0):
     """n ancestral draws of obs from the trained generative model."""
+    from pyro_gmvae.harness.run import load_run
     from pyro_gmvae.nets import observation_dist
-    from pyro_gmvae.run import load_run
 
     model, _ = load_run(run_dir)
     torch.manual_seed(seed)
@@ -231,7 +231,7 @@ def plot_density(train_x, samples, k, seed, path):
 
 
 def main(argv=None):
-    from pyro_gmvae.run import load_data, read_metrics
+    from pyro_gmvae.harness.run import load_data, read_metrics
     from pyro_gmvae.train import resolve_device
 
     args = parse_args(argv)

@@ -3,7 +3,7 @@
 The paper reports, on the 10k test images, the best and the mean ± std over runs of the
 clustering accuracy under the AAE criterion (Makhzani et al. 2015: each cluster takes the label
 of its most confident test point; :func:`pyro_gmvae.metrics.cluster_acc_aae`). This script
-trains N seeds of every (K, M) cell through :func:`pyro_gmvae.run.run` (seeds run one after the
+trains N seeds of every (K, M) cell through :func:`pyro_gmvae.harness.run.run` (seeds run one after the
 other, each in its own run directory, so an interrupted table resumes) and tabulates, per cell,
 best and mean ± std of the AAE accuracy and of today's protocol (Hungarian accuracy, NMI, ARI),
 beside the paper's numbers. With K > 10, AAE (many-to-one) rises with K while Hungarian
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pyro_gmvae.compare import mean_std, run_or_reuse
-from pyro_gmvae.run import RunConfig
+from pyro_gmvae.harness.compare import mean_std, run_or_reuse
+from pyro_gmvae.harness.run import RunConfig
 
 # Table 1 of the paper (AAE criterion, test set): (K, M) -> (best, mean, std), in %.
 PAPER = {

@@ -1,6 +1,5 @@
 """pyro-gmvae: deep unsupervised clustering with mixture variational autoencoders in Pyro."""
 
-from .clustering import GMVAEClustering
 from .gmvae import GMVAE
 from .gmvae_w import GMVAEW
 from .guides import GUIDES, make_guide
@@ -19,7 +18,8 @@ def make_model(name, **kwargs):
 
 
 # After MODELS: the harness builds models through this package's registry.
-from .run import RunConfig, load_run  # noqa: E402
+from .harness.clustering import GMVAEClustering  # noqa: E402
+from .harness.run import RunConfig, load_run  # noqa: E402
 
 __all__ = [
     "GMVAE",

@@ -1,4 +1,4 @@
-"""pyro_gmvae.compare against hand-computed values on tiny made-up runs."""
+"""pyro_gmvae.harness.compare against hand-computed values on tiny made-up runs."""
 
 import json
 import math
@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from pyro_gmvae import compare
-from pyro_gmvae.run import RunConfig
+from pyro_gmvae.harness import compare
+from pyro_gmvae.harness.run import RunConfig
 
 
 def write_run(run_dir, rows, summary=None, checkpoint=False):

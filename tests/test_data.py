@@ -9,7 +9,7 @@ import scipy.io
 import torch
 import torchvision
 
-from pyro_gmvae import data as D
+from pyro_gmvae.harness import data as D
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_ROOT = pathlib.Path(os.environ.get(D.DATA_ENV_VAR) or REPO.parent / "shared" / "data")

@@ -20,7 +20,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from pyro_gmvae.run import read_metrics
+from pyro_gmvae.harness.run import read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 N_TRAIN, N_TEST = 200, 100

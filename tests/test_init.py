@@ -300,7 +300,7 @@ def test_initialise_umap_embeds_and_clusters():
 
 def run_config(out, **overrides):
     """A tiny run of a recipe on 200 arcs points (K = 5), 4 steps per epoch."""
-    from pyro_gmvae.run import RECIPES, RunConfig
+    from pyro_gmvae.harness.run import RECIPES, RunConfig
 
     recipe = overrides.pop("recipe", "vade")
     base = {**RECIPES[recipe], "recipe": recipe, "k": 5, "dataset": "arcs", "binarize": "none",
@@ -310,7 +310,7 @@ def run_config(out, **overrides):
 
 
 def test_run_evaluates_the_initialised_model_as_epoch_0(tmp_path):
-    from pyro_gmvae.run import read_metrics, run
+    from pyro_gmvae.harness.run import read_metrics, run
 
     run(run_config(tmp_path))
     rows = read_metrics(tmp_path)
@@ -320,7 +320,7 @@ def test_run_evaluates_the_initialised_model_as_epoch_0(tmp_path):
 
 
 def test_resume_after_the_initialisation_stage_equals_an_uninterrupted_run(tmp_path, monkeypatch):
-    from pyro_gmvae.run import read_metrics, run
+    from pyro_gmvae.harness.run import read_metrics, run
     from pyro_gmvae.train import Trainer
 
     class Killed(Exception):
@@ -343,7 +343,7 @@ def test_resume_after_the_initialisation_stage_equals_an_uninterrupted_run(tmp_p
     assert [r["epoch"] for r in read_metrics(tmp_path / "cut")] == [0]
     monkeypatch.setattr(Trainer, "step", step)
     calls = []
-    monkeypatch.setattr("pyro_gmvae.run.initialise", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr("pyro_gmvae.harness.run.initialise", lambda *a, **k: calls.append(1))
     run(run_config(tmp_path / "cut"), resume=True)
     assert not calls  # the stage is not repeated
     assert rows(tmp_path / "cut") == rows(tmp_path / "whole")
@@ -351,7 +351,7 @@ def test_resume_after_the_initialisation_stage_equals_an_uninterrupted_run(tmp_p
 
 def test_default_recipe_clusters_a_synthetic_mixture(tmp_path):
     """The main job's default recipe, end to end at tiny size, beats chance on the arcs."""
-    from pyro_gmvae.run import DEFAULT_RECIPE, run
+    from pyro_gmvae.harness.run import DEFAULT_RECIPE, run
 
     summary = run(run_config(tmp_path, recipe=DEFAULT_RECIPE, limit=500, epochs=3))
     # Chance is 0.2 for 5 equal clusters; a collapse to one cluster scores exactly that.

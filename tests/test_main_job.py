@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from pyro_gmvae import make_guide, make_model
-from pyro_gmvae.data import DATA_ENV_VAR, make_arcs
 from pyro_gmvae.estimators import ESTIMATORS
 from pyro_gmvae.guides import GUIDES
-from pyro_gmvae.run import load_run, read_metrics
+from pyro_gmvae.harness.data import DATA_ENV_VAR, make_arcs
+from pyro_gmvae.harness.run import load_run, read_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples" / "mnist_unsup.py"
@@ -75,9 +75,9 @@ def smoke_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def script():
     """The main job's module (examples/mnist_unsup.py calls it), to call ``main(argv)`` in-process."""
-    import pyro_gmvae.cli
+    import pyro_gmvae.harness.cli
 
-    return pyro_gmvae.cli
+    return pyro_gmvae.harness.cli
 
 
 # --------------------------------------------------------------------------- end to end
@@ -299,7 +299,7 @@ def test_help_covers_every_flag(script, capsys):
 
 def test_figures_for_vector_data(tmp_path):
     """Arcs (2-D points): no image figures, a scatter plot and the confusion matrix instead."""
-    from pyro_gmvae.plots import make_figures
+    from pyro_gmvae.harness.plots import make_figures
 
     torch.manual_seed(0)
     model = make_model("gmvae", data_dim=2, k=5, z_dim=2, hidden=(8, 8), likelihood="gaussian")
@@ -315,7 +315,7 @@ def test_figures_for_vector_data(tmp_path):
 
 
 def test_reconstruct_is_the_decoder_mean_at_the_guide_mean(make_tiny, binary_batch):
-    from pyro_gmvae.plots import reconstruct
+    from pyro_gmvae.harness.plots import reconstruct
 
     clusters = torch.tensor([0, 2, 1, 1, 0])
     for name in ("gmvae", "m2", "gmvae_w"):
@@ -336,7 +336,7 @@ def test_reconstruct_is_the_decoder_mean_at_the_guide_mean(make_tiny, binary_bat
 
 
 def test_reconstruction_grid_alternates_images_and_reconstructions(make_tiny):
-    from pyro_gmvae.plots import reconstruct, reconstruction_grid
+    from pyro_gmvae.harness.plots import reconstruct, reconstruction_grid
 
     model, guide = make_tiny("gmvae")
     model.eval(), guide.eval()
@@ -354,7 +354,7 @@ def test_reconstruction_grid_alternates_images_and_reconstructions(make_tiny):
 
 def test_gmvae_w_samples_and_traversal_use_component_means(make_tiny):
     """Fig. 5a: column 0 is decoder(μ_c(0)); Fig. 5b: the centre column is μ_c at the mean w."""
-    from pyro_gmvae.plots import sample_grid, traversal_grid
+    from pyro_gmvae.harness.plots import sample_grid, traversal_grid
 
     model, _ = make_tiny("gmvae_w")
     model.eval()
@@ -371,7 +371,7 @@ def test_gmvae_w_samples_and_traversal_use_component_means(make_tiny):
 
 
 def test_plot_curves_needs_rows(tmp_path):
-    from pyro_gmvae.plots import plot_curves
+    from pyro_gmvae.harness.plots import plot_curves
 
     with pytest.raises(ValueError, match="no metrics"):
         plot_curves([], 10, tmp_path / "c.png")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-import pyro_gmvae.cli as cli
-from pyro_gmvae.data import NO_LABEL, load_user_data
+import pyro_gmvae.harness.cli as cli
 from pyro_gmvae.evaluate import cluster_probs
-from pyro_gmvae.run import load_run
+from pyro_gmvae.harness.data import NO_LABEL, load_user_data
+from pyro_gmvae.harness.run import load_run
 
 TINY = ["--recipe", "shu", "--k", "3", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
         "--batch-size", "30", "--no-progress"]  # fmt: skip

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from pyro_gmvae.data import DATA_ENV_VAR
+from pyro_gmvae.harness.data import DATA_ENV_VAR
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_ROOT = pathlib.Path(os.environ.get(DATA_ENV_VAR) or REPO.parent / "shared" / "data")

@@ -22,7 +22,14 @@ import torch
 
 from pyro_gmvae import make_guide, make_model
 from pyro_gmvae.evaluate import cluster_probs
-from pyro_gmvae.run import IncompleteRunWarning, RunConfig, load_run, read_metrics, run, run_status
+from pyro_gmvae.harness.run import (
+    IncompleteRunWarning,
+    RunConfig,
+    load_run,
+    read_metrics,
+    run,
+    run_status,
+)
 from pyro_gmvae.train import NonFiniteLossError, Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

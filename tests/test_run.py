@@ -19,9 +19,9 @@ import pyro
 import pytest
 import torch
 
-import pyro_gmvae.run as R
+import pyro_gmvae.harness.run as R
 from pyro_gmvae.evaluate import cluster_probs
-from pyro_gmvae.run import RunConfig, load_run, read_metrics, run
+from pyro_gmvae.harness.run import RunConfig, load_run, read_metrics, run
 from pyro_gmvae.train import NonFiniteLossError, Trainer
 
 # The free-bits factor's ordering warning is expected (see pyro_gmvae.objectives).

@@ -24,7 +24,13 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
-from . import MODELS, make_model
+from .. import MODELS, make_model
+from ..estimators import ESTIMATORS
+from ..evaluate import evaluate, iw_log_likelihood
+from ..guides import GUIDE_FITS, GUIDES, make_guide
+from ..init import INIT_METHODS, autoencoder_loss, initialise
+from ..nets import data_checks
+from ..train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule, resolve_device
 from .data import (
     binarize_fixed,
     is_user_data,
@@ -33,12 +39,6 @@ from .data import (
     load_user_data,
     make_arcs,
 )
-from .estimators import ESTIMATORS
-from .evaluate import evaluate, iw_log_likelihood
-from .guides import GUIDE_FITS, GUIDES, make_guide
-from .init import INIT_METHODS, autoencoder_loss, initialise
-from .nets import data_checks
-from .train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule, resolve_device
 
 DATASETS = ("mnist", "fashion-mnist", "svhn", "arcs")
 BINARIZE = ("dynamic", "none")
@@ -94,7 +94,7 @@ def setting(default, help, group, *, choices=None, minimum=None, above=None, max
     command-line flags, its allowed values (a tuple, or a callable returning a registry) and its
     bounds (``minimum`` ≤ value, ``above`` < value, value ≤ ``maximum``). ``flag`` names a flag
     that is not ``--field-name``; ``widths`` marks the one field that takes ``500,500,2000``.
-    The CLI's flags (:func:`pyro_gmvae.cli.build_parser`) and :meth:`RunConfig.validate` are
+    The CLI's flags (:func:`pyro_gmvae.harness.cli.build_parser`) and :meth:`RunConfig.validate` are
     generated from these."""
     metadata = dict(help=help, group=group, choices=choices, minimum=minimum, above=above,
                     maximum=maximum, flag=flag, widths=widths)  # fmt: skip
@@ -402,7 +402,7 @@ def package_versions() -> dict:
     import scipy
     import sklearn
 
-    from . import __version__
+    from .. import __version__
 
     return {
         "pyro_gmvae": __version__,
@@ -884,12 +884,7 @@ def _load_checkpoint(out: Path, cfg: RunConfig, log=None) -> dict | None:
         warnings.warn(message, stacklevel=3)
         if log is not None:
             log(message)
-    saved = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
-    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
-    # None is "the default" for these, which config.json records resolved: compare explicit ones.
-    resolved = ("guide", "likelihood", "hidden", "latent_dim", "w_dim")
-    changed = sorted(k for k in now if saved.get(k) != now[k]
-                     and not (k in resolved and None in (saved.get(k), now[k])))  # fmt: skip
+    changed = changed_settings(state["config"], cfg)
     if changed:
         raise ValueError(f"--resume: settings differ from the checkpointed run: {changed}")
     if cfg.epochs < state["epoch"]:
@@ -898,6 +893,16 @@ def _load_checkpoint(out: Path, cfg: RunConfig, log=None) -> dict | None:
             "has done; pass at least that many"
         )
     return state
+
+
+def changed_settings(saved: dict, cfg: RunConfig) -> list[str]:
+    """The settings of ``cfg`` that differ from a run's ``saved`` ones and may not change on
+    resume (all but :data:`RESUMABLE_CHANGES`), sorted."""
+    now = {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES}
+    # None is "the default" for these, which config.json records resolved: compare explicit ones.
+    resolved = ("guide", "likelihood", "hidden", "latent_dim", "w_dim")
+    return sorted(k for k in now if saved.get(k) != now[k]
+                  and not (k in resolved and None in (saved.get(k), now[k])))  # fmt: skip
 
 
 def _truncate_metrics(out: Path, step: int) -> None:

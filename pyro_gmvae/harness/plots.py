@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .guides import point_estimate
-from .metrics import contingency
-from .nets import mean_image
+from ..guides import point_estimate
+from ..metrics import contingency
+from ..nets import mean_image
 
 FIGURES = ("curves", "samples", "traversal", "reconstructions", "confusion")
 ACCURACIES = (
@@ -83,7 +83,7 @@ def plot_comparison(curves, panels, k, path, colors):
     """One row of panels per model, one :func:`plot_seed_bands` line per variant in each panel.
 
     ``curves`` maps (model, variant) to {(metric key, x key): (xs, values)}, values of shape
-    (seeds, evaluations) (:func:`pyro_gmvae.compare.comparison_curves` reads them from run
+    (seeds, evaluations) (:func:`pyro_gmvae.harness.compare.comparison_curves` reads them from run
     directories); ``panels`` is a sequence of (metric key, x key, title), the x key ``"epoch"``
     or ``"time_s"``; ``colors`` maps a variant to its colour. H(Y|X) panels get the collapse
     line log K.

@@ -20,12 +20,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
-from . import nets
+from .. import nets
+from ..evaluate import _batches, _EvalMode, cluster_probs, elbo_per_point
+from ..guides import make_guide
+from ..init import INIT_METHODS, encode_all, initialise
+from ..train import Trainer, resolve_device, rng_state, set_rng_state
 from .data import binarize_fixed, iterate_minibatches
-from .evaluate import _batches, _EvalMode, cluster_probs, elbo_per_point
-from .guides import make_guide
-from .init import INIT_METHODS, encode_all, initialise
-from .train import Trainer, resolve_device, rng_state, set_rng_state
 
 try:
     from sklearn.utils.validation import validate_data
@@ -129,7 +129,7 @@ class GMVAEClustering(
     and :class:`pyro_gmvae.guides.VaDEGuide`.
 
     Where this differs from the command-line recipe (``RECIPES["vade-umap"]`` in
-    :mod:`pyro_gmvae.run`): q(z|x) starts narrow after the initialisation stage (a tenth
+    :mod:`pyro_gmvae.harness.run`): q(z|x) starts narrow after the initialisation stage (a tenth
     of the codes' spread; pretraining trains only its mean, and the random variance head
     makes it as wide as the whole embedding, which on small data lets the mixture collapse
     in the first SVI steps), and the defaults are sized for small data on one CPU core.
@@ -354,7 +354,7 @@ class GMVAEClustering(
 
     def _fit_once(self, x, seed):
         """One restart: build, initialise and train a model/guide pair from ``seed``."""
-        from . import make_model  # the package's registry, defined after this module's import
+        from .. import make_model  # the package's registry, defined after this module's import
 
         # The networks' initial weights come from the global RNG: seed it before building.
         pyro.set_rng_seed(seed)

@@ -19,7 +19,7 @@ sources' own configurations. It leaves a run directory::
         confusion.png      clusters against true labels on the test set (labelled data)
 
 ``--dataset`` takes a named dataset or your own data: a ``.npy``/``.npz`` array file or a folder
-of PNG/JPEG images (``pyro_gmvae.data.load_user_data``); own data are evaluated on themselves,
+of PNG/JPEG images (``pyro_gmvae.harness.data.load_user_data``); own data are evaluated on themselves,
 and metrics that need labels are left out when there are none.
 
 ``pyro-gmvae predict RUN_DIR INPUT --out FILE`` writes, for every item of INPUT (a named
@@ -38,15 +38,15 @@ from pathlib import Path
 
 import torch
 
-from pyro_gmvae.data import (
+from pyro_gmvae.guides import GuideError
+from pyro_gmvae.harness.data import (
     DatasetNotFoundError,
     binarize_fixed,
     is_user_data,
     load_dataset,
     load_user_data,
 )
-from pyro_gmvae.guides import GuideError
-from pyro_gmvae.run import (
+from pyro_gmvae.harness.run import (
     CHECKPOINT,
     DATA,
     DEFAULT_RECIPE,
@@ -59,6 +59,7 @@ from pyro_gmvae.run import (
     RunLockedError,
     SettingError,
     build_model,
+    changed_settings,
     load_config,
     load_data,
     load_run,
@@ -135,7 +136,7 @@ def flag(field: str) -> str:
 
 
 def _argument(f: dataclasses.Field) -> dict:
-    """argparse keywords for a RunConfig field, from its :func:`~pyro_gmvae.run.setting`."""
+    """argparse keywords for a RunConfig field, from its :func:`~pyro_gmvae.harness.run.setting`."""
     m, kind, choices = f.metadata, setting_kind(f), setting_choices(f)
     default = (
         ""
@@ -233,9 +234,7 @@ def make_config(args, parser) -> RunConfig:
             saved = load_config(out)
         except CorruptCheckpointError as err:
             parser.error(f"argument --resume: {err}")
-        changed = sorted(
-            k for k, v in given.items() if k not in RESUMABLE_CHANGES and getattr(saved, k) != v
-        )
+        changed = changed_settings(saved.to_dict(), dataclasses.replace(saved, **given))
         if changed:
             was = ", ".join(f"{flag(k)} {getattr(saved, k)!r} -> {given[k]!r}" for k in changed)
             allowed = ", ".join(flag(k) for k in RESUMABLE_CHANGES)
@@ -402,7 +401,9 @@ def main(argv=None, prog="mnist_unsup.py") -> dict:
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted; continue from the last checkpoint (or start over, if there is "
                  f"none yet) with: {again} --resume --out {cfg.out}")  # fmt: skip
-    from pyro_gmvae.plots import make_figures  # matplotlib and torchvision: only once needed
+    from pyro_gmvae.harness.plots import (
+        make_figures,
+    )  # matplotlib and torchvision: only once needed
 
     model, guide = summary.model_, summary.guide_
     test = evaluated_test_set(cfg, test, device)
@@ -417,7 +418,7 @@ def predict_main(argv=None, prog="pyro-gmvae predict") -> int:
     import numpy as np
 
     from pyro_gmvae.evaluate import cluster_probs
-    from pyro_gmvae.plots import latent_means
+    from pyro_gmvae.harness.plots import latent_means
 
     parser = OneLineParser(prog=prog, description="Cluster new data with a trained run.")
     parser.add_argument("run_dir", help="a run directory (pyro-gmvae train --out)")

@@ -2,8 +2,8 @@
 
 The comparison scripts (``examples/compare_models.py``, ``compare_guides.py``,
 ``compare_elbos.py``, ``table1.py``) train one run directory per setting and seed through
-:func:`pyro_gmvae.run.run`, then report each setting as mean ± std over its seeds. These are the
-pieces they share; the band plot is :func:`pyro_gmvae.plots.plot_seed_bands`.
+:func:`pyro_gmvae.harness.run.run`, then report each setting as mean ± std over its seeds. These are the
+pieces they share; the band plot is :func:`pyro_gmvae.harness.plots.plot_seed_bands`.
 
 A metric key is a key of a ``metrics.jsonl`` row or of ``summary.json``; ``"neg_<key>"`` is the
 negated ``<key>`` (e.g. ``neg_test_elbo``, a loss in nats), NaN when the run did not record it
@@ -65,7 +65,7 @@ def metric_curves(run_dirs, key: str, x_key: str = "epoch"):
 
 
 def comparison_curves(dirs: dict, panels) -> dict:
-    """For :func:`pyro_gmvae.plots.plot_comparison`: ``dirs`` maps (model, variant) to run
+    """For :func:`pyro_gmvae.harness.plots.plot_comparison`: ``dirs`` maps (model, variant) to run
     directories (one per seed); returns (model, variant) -> {(key, x key): (xs, values)} for
     each panel's (key, x key, title)."""
     return {
