@@ -25,14 +25,12 @@ import json
 import os
 import shlex
 import sys
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pyro_gmvae.harness.compare import run_or_reuse  # noqa: E402
+from pyro_gmvae.harness.compare import run_many  # noqa: E402
 from pyro_gmvae.harness.run import RECIPES, RunConfig, git_commit, hardware, read_metrics  # noqa: E402
 
 # Settings a budget may override, with their types.
@@ -70,15 +68,8 @@ def config(args, recipe: str, seed: int) -> RunConfig:
     return RunConfig(**values)
 
 
-def _one_thread():
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def train_one(cfg: RunConfig) -> dict:
-    """Train (or reuse) one run; return its record."""
-    summary, _ = run_or_reuse(cfg)
+def record(cfg: RunConfig, summary: dict) -> dict:
+    """The record of one finished run."""
     rows = read_metrics(cfg.out)
     saved = json.loads((Path(cfg.out) / "config.json").read_text())
     init = rows[0] if rows and rows[0]["epoch"] == 0 else {}
@@ -153,15 +144,10 @@ def seed_table(records) -> str:
 def main(argv=None):
     args = parse_args(argv)
     commit = git_commit()  # now: the code the runs import, whatever is committed meanwhile
-    # One thread per run, numba's (UMAP) included; set before any worker imports it.
-    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     configs = [config(args, r, s) for r in args.recipes for s in args.seeds]
-    with ProcessPoolExecutor(
-        max_workers=min(args.workers, len(configs)), mp_context=get_context("spawn"),
-        initializer=_one_thread,
-    ) as pool:  # fmt: skip
-        records = list(pool.map(train_one, configs))
+    # One thread per run (numba's, UMAP's, included), up to --workers runs at once.
+    results = run_many(configs, args.workers)
+    records = [record(cfg, summary) for cfg, (summary, _) in zip(configs, results)]
     command = "python benchmarks/quality.py " + shlex.join(
         argv if argv is not None else sys.argv[1:]
     )

@@ -29,7 +29,7 @@ from pyro_gmvae.harness.compare import (
     markdown_table,
     metric_curves,
     read_summary,
-    run_or_reuse,
+    run_many,
     write_results,
 )
 from pyro_gmvae.harness.plots import plot_seed_bands
@@ -72,33 +72,36 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--out", default="runs/compare_models")
     p.add_argument("--progress", action="store_true", help="show tqdm bars")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at once, one thread each (up to the cores; several per GPU)")  # fmt: skip
     return p.parse_args(argv)
 
 
 def train_all(args) -> dict:
     """{model: [run_dir per seed]}; a finished run is reused, an interrupted one resumed."""
     out = Path(args.out)
-    dirs = {}
+    dirs, configs = {}, []
     for name in args.models:
         dirs[name] = []
         for seed in args.seeds:
             run_dir = out / name / f"seed{seed}"
             dirs[name].append(run_dir)
-            cfg = RunConfig(
+            configs.append(RunConfig(
                 model=name, k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 hidden=args.hidden, latent_dim=args.z_dim, dataset=args.dataset,
                 data_dir=args.data_dir, limit=args.limit, test_limit=args.test_limit,
                 device=args.device, seed=seed, out=str(run_dir), progress=args.progress,
-            )  # fmt: skip
-            summary, trained = run_or_reuse(cfg)
-            if trained:
-                print(
-                    f"{name:12s} seed {seed}: acc majority {summary['acc_majority']:.3f}, "
-                    f"Hungarian {summary['acc_hungarian']:.3f}, "
-                    f"H(Y|X) {summary['cond_entropy']:.3f}, "
-                    f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
-                    flush=True,
-                )
+            ))  # fmt: skip
+    # --workers runs at once, one thread each; the same numbers as one by one.
+    for cfg, (summary, trained) in zip(configs, run_many(configs, args.workers)):
+        if trained:
+            print(
+                f"{cfg.model:12s} seed {cfg.seed}: acc majority {summary['acc_majority']:.3f}, "
+                f"Hungarian {summary['acc_hungarian']:.3f}, "
+                f"H(Y|X) {summary['cond_entropy']:.3f}, "
+                f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
+                flush=True,
+            )
     return dirs
 
 

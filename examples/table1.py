@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pyro_gmvae.harness.compare import mean_std, run_or_reuse
+from pyro_gmvae.harness.compare import mean_std, run_many
 from pyro_gmvae.harness.run import RunConfig
 
 # Table 1 of the paper (AAE criterion, test set): (K, M) -> (best, mean, std), in %.
@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/table1")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at once, one thread each (up to the cores; several per GPU)")  # fmt: skip
     args = p.parse_args(argv)
     for key, value in MODES[args.mode].items():
         if getattr(args, key) is None:
@@ -82,13 +84,12 @@ def parse_args(argv=None):
 
 def train_all(args) -> dict:
     """{(K, M): [summary per seed]}; finished runs are reused, interrupted ones resumed."""
-    results = {}
+    configs = {}
     for k in args.ks:
         for m in args.ms:
-            results[(k, m)] = []
             for seed in args.seeds:
                 run_dir = Path(args.out) / f"K{k}_M{m}" / f"seed{seed}"
-                cfg = RunConfig(
+                configs[k, m, seed] = RunConfig(
                     model="gmvae_w", k=k, mc_samples=m, epochs=args.epochs, seed=seed,
                     batch_size=args.batch_size, lr=args.lr, free_bits=args.free_bits,
                     hidden=args.hidden, latent_dim=args.x_dim, w_dim=args.w_dim,
@@ -97,14 +98,16 @@ def train_all(args) -> dict:
                     progress=args.progress,
                     eval_every=args.epochs,  # only the final evaluation enters the table
                 )  # fmt: skip
-                summary, _ = run_or_reuse(cfg)
-                results[(k, m)].append(summary)
-                print(
-                    f"K={k:2d} M={m:2d} seed {seed}: AAE {summary['acc_aae']:.3f} "
-                    f"Hungarian {summary['acc_hungarian']:.3f} NMI {summary['nmi']:.3f} "
-                    f"({summary['wall_time_s']:.0f} s)",
-                    flush=True,
-                )
+    # --workers runs at once, one thread each; the same numbers as one by one.
+    results = {}
+    for (k, m, seed), (summary, _) in zip(configs, run_many(configs.values(), args.workers)):
+        results.setdefault((k, m), []).append(summary)
+        print(
+            f"K={k:2d} M={m:2d} seed {seed}: AAE {summary['acc_aae']:.3f} "
+            f"Hungarian {summary['acc_hungarian']:.3f} NMI {summary['nmi']:.3f} "
+            f"({summary['wall_time_s']:.0f} s)",
+            flush=True,
+        )
     return results
 
 

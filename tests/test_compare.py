@@ -94,3 +94,28 @@ def test_run_or_reuse(tmp_path, monkeypatch, summary_epoch, checkpoint, expected
     assert calls == ([] if expected is None else [expected])
     assert trained == (expected is not None) == got["trained"]
     assert got["epoch"] == 3
+
+
+def test_runs_in_parallel_equal_runs_one_by_one(tmp_path):
+    """run_many with two worker processes gives every run exactly the metrics it gets alone."""
+    from pyro_gmvae.harness.compare import run_many
+    from pyro_gmvae.harness.run import RunConfig, read_metrics
+
+    def configs(where):
+        return [RunConfig(model="gmvae", k=3, dataset="arcs", binarize="none", hidden=8,
+                          latent_dim=2, limit=60, batch_size=30, eval_batch_size=60, epochs=2,
+                          seed=seed, progress=False, out=str(tmp_path / where / f"seed{seed}"))
+                for seed in (0, 1)]  # fmt: skip
+
+    parallel = run_many(configs("parallel"), workers=2)
+    alone = run_many(configs("alone"), workers=1)
+    assert [trained for _, trained in parallel] == [True, True]
+    untimed = lambda rows: [{k: v for k, v in r.items() if "time" not in k} for r in rows]  # noqa: E731
+    for seed, (a, b) in enumerate(zip(parallel, alone)):
+        assert a[0]["acc_hungarian"] == b[0]["acc_hungarian"]
+        assert untimed(read_metrics(tmp_path / "parallel" / f"seed{seed}")) == untimed(
+            read_metrics(tmp_path / "alone" / f"seed{seed}")
+        )
+    # The two seeds differ: each run is seeded from its own config.
+    assert read_metrics(tmp_path / "alone" / "seed0") != read_metrics(tmp_path / "alone" / "seed1")
+    assert run_many(configs("alone"), workers=2)[0][1] is False  # finished runs are reused

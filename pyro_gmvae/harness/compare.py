@@ -10,11 +10,16 @@ negated ``<key>`` (e.g. ``neg_test_elbo``, a loss in nats), NaN when the run did
 (``test_iw_bound`` without ``iw_samples``).
 """
 
+import contextlib
 import json
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .run import CHECKPOINT, RunConfig, read_metrics, run
 
@@ -39,6 +44,44 @@ def run_or_reuse(cfg: RunConfig) -> tuple[dict, bool]:
         if summary.get("epoch") == cfg.epochs:
             return summary, False
     return run(cfg, resume=(out / CHECKPOINT).exists()), True
+
+
+@contextlib.contextmanager
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_one(cfg: RunConfig) -> tuple[dict, bool]:
+    with _one_thread():
+        summary, trained = run_or_reuse(cfg)
+    return dict(summary), trained  # the plain summary: the trained modules stay behind
+
+
+def run_many(configs, workers: int = 1) -> list[tuple[dict, bool]]:
+    """:func:`run_or_reuse` for every config, results in the configs' order.
+
+    Each run uses one torch thread (and one numba thread, UMAP's), so that ``workers`` runs can
+    share the machine's cores, and so that a run's numbers do not depend on how many ran beside
+    it: ``workers=1`` runs them one by one in this process, ``workers > 1`` as that many
+    concurrent processes (spawned, so CUDA works in them; several can share one GPU). The
+    runs are independent: each seeds itself from its config, in its own run directory.
+    """
+    configs = list(configs)
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    # Set before any worker imports numba or torch; an explicit setting of the user's is kept.
+    os.environ.setdefault("NUMBA_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if workers == 1 or len(configs) <= 1:
+        return [_run_one(cfg) for cfg in configs]
+    context = get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(configs)), mp_context=context) as pool:
+        return list(pool.map(_run_one, configs))
 
 
 def metric_value(row: dict, key: str) -> float:
