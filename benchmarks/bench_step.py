@@ -444,7 +444,7 @@ def metadata(args, device):
         "epoch_size": args.epoch_size,
         "k": args.k,
         "quick": args.quick,
-        "tiny": args.tiny,
+        "tiny": getattr(args, "tiny", False),
     }
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name(device)
@@ -453,7 +453,7 @@ def metadata(args, device):
 
 
 def run_config(name, batch_size, args, device, impl_names):
-    model, guide = build(name, args.k, args.quick or args.tiny, device)
+    model, guide = build(name, args.k, args.quick or getattr(args, "tiny", False), device)
     pool = data_pool(model, batch_size, device)
     impls = make_impls(model, guide, impl_names)
     blocks = time_impls(impls, pool, device, args.warmup, args.repeats, args.min_block_s)
@@ -513,7 +513,7 @@ def run_config(name, batch_size, args, device, impl_names):
 
 def measure_memory(name, batch_size, args, device, impl_names):
     """{impl: (peak bytes of a step, method, first-call seconds)} for one configuration."""
-    model, guide = build(name, args.k, args.quick or args.tiny, device)
+    model, guide = build(name, args.k, args.quick or getattr(args, "tiny", False), device)
     pool = data_pool(model, batch_size, device)
     out = {}
     for impl in make_impls(model, guide, impl_names):
