@@ -41,7 +41,6 @@ import torch
 from pyro_gmvae.guides import GuideError
 from pyro_gmvae.harness.data import (
     DatasetNotFoundError,
-    binarize_fixed,
     is_user_data,
     load_dataset,
     load_user_data,
@@ -61,7 +60,6 @@ from pyro_gmvae.harness.run import (
     build_model,
     changed_settings,
     load_config,
-    load_data,
     load_run,
     read_metrics,
     run,
@@ -330,18 +328,6 @@ def data_message(err) -> str:
             "run without --no-download on a machine with internet access.")  # fmt: skip
 
 
-def evaluated_test_set(cfg: RunConfig, test, device):
-    """The test set exactly as run() evaluates it (binarised once with the run's seed, then cut
-    to --test-limit)."""
-    if test is None:
-        return load_data(cfg, device)[1]
-    if cfg.binarize == "dynamic":
-        test = dataclasses.replace(test, x=binarize_fixed(test.x, seed=cfg.seed))
-    if cfg.test_limit:
-        test = test.subset(cfg.test_limit)
-    return test.to(device)
-
-
 def format_duration(seconds: float) -> str:
     minutes, s = divmod(round(seconds), 60)
     h, m = divmod(minutes, 60)
@@ -405,8 +391,7 @@ def main(argv=None, prog="mnist_unsup.py") -> dict:
         make_figures,
     )  # matplotlib and torchvision: only once needed
 
-    model, guide = summary.model_, summary.guide_
-    test = evaluated_test_set(cfg, test, device)
+    model, guide, test = summary.model_, summary.guide_, summary.test_
     figures = make_figures(cfg.out, model, guide, test.x, test.labels, test.image_shape,
                            rows=read_metrics(cfg.out), seed=cfg.seed)  # fmt: skip
     print(format_summary(summary, cfg, figures), flush=True)

@@ -530,11 +530,13 @@ def _stop_on_signals():
 
 class RunResult(dict):
     """The final summary of a run (what summary.json holds), carrying the trained model and
-    guide as ``model_`` and ``guide_`` (in eval mode), so no caller reloads them from disk."""
+    guide as ``model_`` and ``guide_`` (in eval mode) and the data they were evaluated on as
+    ``test_`` (binarised and cut as the run evaluates it), so no caller reloads or rebuilds
+    them."""
 
-    def __init__(self, summary: dict, model_, guide_):
+    def __init__(self, summary: dict, model_, guide_, test_=None):
         super().__init__(summary)
-        self.model_, self.guide_ = model_, guide_
+        self.model_, self.guide_, self.test_ = model_, guide_, test_
 
 
 def run(cfg: RunConfig, resume: bool = False, log=None) -> RunResult:
@@ -658,7 +660,7 @@ def _run(cfg, out, device, start, log, stop):
                    rollbacks=trainer.rollbacks_total, complete=True)  # fmt: skip
     write_json(summary, out / "summary.json")
     trainer.model.eval(), trainer.guide.eval()
-    return RunResult(summary, model_=trainer.model, guide_=trainer.guide)
+    return RunResult(summary, model_=trainer.model, guide_=trainer.guide, test_=test)
 
 
 def _train_epochs(
