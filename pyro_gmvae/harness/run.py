@@ -382,7 +382,7 @@ def git_commit():
     imported (the code a process runs), not again when the checkout moves on."""
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]  # the checkout: pyro_gmvae/harness/run.py -> repo
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()  # fmt: skip
