@@ -356,3 +356,23 @@ def test_default_recipe_clusters_a_synthetic_mixture(tmp_path):
     summary = run(run_config(tmp_path, recipe=DEFAULT_RECIPE, limit=500, epochs=3))
     # Chance is 0.2 for 5 equal clusters; a collapse to one cluster scores exactly that.
     assert summary["acc_hungarian"] > 0.4 and summary["clusters_used"] >= 4
+
+
+def test_fit_mixture_from_a_partition_starts_at_its_groups():
+    """Given a hard partition of well-separated groups, the mixture is the groups' own:
+    weights, means and (full) covariances computed by hand from each group (EM has nothing
+    to move), and its assignments are the partition."""
+    from pyro_gmvae.init import fit_mixture
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    sizes = [30, 50, 20]
+    codes = np.concatenate([c + rng.normal(size=(n, 2)) for c, n in zip(centres, sizes)])
+    labels = np.repeat([2, 0, 1], sizes)  # the partition's own numbering, not the data's order
+    gmm = fit_mixture(codes, 3, "full", seed=0, min_var=1e-6, responsibilities=np.eye(3)[labels])
+    for j in range(3):
+        group = codes[labels == j]
+        np.testing.assert_allclose(gmm.weights_[j], len(group) / len(codes), atol=1e-6)
+        np.testing.assert_allclose(gmm.means_[j], group.mean(0), atol=1e-6)
+        np.testing.assert_allclose(gmm.covariances_[j], np.cov(group.T, bias=True), atol=1e-4)
+    assert (gmm.predict(codes) == labels).all()
