@@ -9,9 +9,10 @@
 # 3. bench_step (MNIST-size step of every model against the hand-written loss, B = 100 and 1000,
 #    with enum-jit) and bench_epoch (measured epochs of gmvae K = 10, enum and enum-jit) on CUDA;
 # 4. the default recipe over 4 seeds at once on the one GPU (seeds in parallel, one process each;
-#    20k training images, 5 epochs, to fit the budget), through benchmarks/quality.py.
-# Data-parallel training under torchrun is not part of the library yet (issue 16), so neither is it
-# part of this check.
+#    20k training images, 5 epochs, to fit the budget), through benchmarks/quality.py;
+# 5. data-parallel training of Shu's recipe under torchrun, 1 and then 2 processes on the one GPU
+#    (two processes share it through gloo; NCCL wants a GPU per process), 2 epochs each: the
+#    epoch times are in each run's metrics.jsonl (time_s).
 #
 # --dry-run runs the same steps on the CPU at tiny sizes (about a minute; the tests step only
 # collects): tests/test_gpu_check.py runs it so that the script does not rot before a GPU is lent.
@@ -49,6 +50,11 @@ if [ $DRY = 0 ]; then
     STEP_TIMEOUT=${QUALITY_TIMEOUT:-240} step quality "$PY" benchmarks/quality.py --dataset mnist \
         --recipes vade-umap --seeds 0 1 2 3 --workers 4 --limit 20000 --epochs 5 \
         --runs-dir "$OUT/runs" --out-dir "$OUT"
+    for n in 1 2; do
+        STEP_TIMEOUT=60 step "torchrun$n" "$PY" -m torch.distributed.run --standalone \
+            --nproc_per_node $n examples/mnist_unsup.py --recipe shu --device cuda --epochs 2 \
+            --no-progress --out "$OUT/torchrun$n"
+    done
 else
     step tests "$PY" -m pytest -q --collect-only -k "cuda" tests/
     step bench_step "$PY" benchmarks/bench_step.py --quick --device cpu --out "$OUT/bench_step_cuda.json"
@@ -57,6 +63,12 @@ else
     step quality "$PY" benchmarks/quality.py --dataset mnist --recipes vade --seeds 0 1 --workers 2 \
         --limit 200 --test-limit 100 --epochs 1 --pretrain-epochs 1 --hidden 16 \
         --runs-dir "$OUT/runs" --out-dir "$OUT"
+    for n in 1 2; do
+        step "torchrun$n" "$PY" -m torch.distributed.run --standalone --nproc_per_node $n \
+            examples/mnist_unsup.py --recipe shu --device cpu --epochs 1 --limit 400 \
+            --test-limit 200 --batch-size 20 --hidden 16 --latent-dim 4 --no-progress \
+            --out "$OUT/torchrun$n"
+    done
 fi
 failed=$(grep -c " rc=[1-9]" "$OUT/steps.log")
 echo "gpu check: $failed failed step(s); logs and results in $OUT/"

@@ -1,5 +1,6 @@
 """What every mixture VAE shares: the cluster prior, its site name and the input checks."""
 
+import contextlib
 import math
 
 import pyro
@@ -48,6 +49,14 @@ class MixtureVAE(nn.Module):
         leading enumeration dim, (K, 1, K), unless the guide supplies it (replayed).
         """
         return pyro.sample(self.cluster_site, dist.OneHotCategorical(logits=self.cluster_logits))
+
+    @contextlib.contextmanager
+    def shared_pass(self):
+        """A scope for one evaluation of the objective (one ELBO call: the guide, then the model
+        on the guide's draws), in which the model may compute a table both need once and reuse
+        it, keyed on the very tensors it came from. It must not span a parameter update (the
+        trainer opens one per step); outside it nothing is reused. This base shares nothing."""
+        yield
 
     def prepare(self, x) -> torch.Tensor:
         """``x`` converted for this model (see :func:`~pyro_gmvae.nets.prepare_data`)."""

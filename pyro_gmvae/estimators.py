@@ -25,8 +25,8 @@ estimator cannot train is refused with a ``ValueError`` by :func:`make_estimator
 model and guide) or at the first call.
 
 API used by the trainer: ``make_estimator(name, model, guide, num_particles)`` and, on the
-returned :class:`Estimator`, ``loss`` / ``loss_and_grads`` (a detached loss tensor: no host
-sync), ``check_cluster_objective(kl_weight, free_bits)`` (a KL weight or free bits are refused
+returned :class:`Estimator`, ``loss`` / ``training_loss`` (differentiable) /
+``loss_and_grads`` (a detached loss tensor: no host sync), ``check_cluster_objective(kl_weight, free_bits)`` (a KL weight or free bits are refused
 by the estimators whose gradients they would silently corrupt), ``state_dict`` /
 ``load_state_dict`` (``graph`` keeps its baseline there), and the flags
 ``supports_cluster_objective`` and ``enumerates_cluster`` (the exact estimators mark the discrete
@@ -262,8 +262,15 @@ class Estimator:
         self._check_call(guide)
         return self.elbo.differentiable_loss(*self._configure(model, guide), *args, **kwargs)
 
+    def training_loss(self, model, guide, *args, **kwargs):
+        """The objective a training step differentiates: its value is the loss, its gradient
+        the estimator's. ``loss_and_grads`` back-propagates it; a data-parallel wrapper
+        (:class:`~pyro_gmvae.train.Trainer` under ``torch.distributed``) returns it from its
+        ``forward`` and back-propagates it itself."""
+        return self.loss(model, guide, *args, **kwargs)
+
     def loss_and_grads(self, model, guide, *args, **kwargs):
-        loss = self.loss(model, guide, *args, **kwargs)
+        loss = self.training_loss(model, guide, *args, **kwargs)
         loss.backward()
         return loss.detach()
 
@@ -282,8 +289,9 @@ class JitEnumEstimator(Estimator):
     per (model, guide, batch shape) and rebuilt when any of them changes: a ragged last batch
     costs one extra compilation, and re-wrapping the model for a new KL weight (annealing)
     recompiles. Parameters reach the graph through the param store (the models and guides call
-    ``pyro.module``). Only ``loss_and_grads`` is compiled; ``loss`` (evaluation, often under
-    ``no_grad`` and in eval mode, which a trace would bake in) runs the plain TraceEnum_ELBO.
+    ``pyro.module``). Only the training loss (``training_loss``, ``loss_and_grads``) is
+    compiled; ``loss`` (evaluation, often under ``no_grad`` and in eval mode, which a trace would
+    bake in) runs the plain TraceEnum_ELBO.
     """
 
     def __init__(self, *args, **kwargs):
@@ -304,7 +312,7 @@ class JitEnumEstimator(Estimator):
         self._check_call(guide)
         return self._plain.differentiable_loss(*self._configure(model, guide), *args, **kwargs)
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def training_loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
         key = (_callable_key(model), _callable_key(guide))
         if key != self._compiled_key:
@@ -326,9 +334,7 @@ class JitEnumEstimator(Estimator):
             # deprecated on recent torch (FutureWarning) and still works.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            loss = elbo.differentiable_loss(model_fn, guide_fn, *args, _shapes=shapes, **kwargs)
-            loss.backward()
-        return loss.detach()
+            return elbo.differentiable_loss(model_fn, guide_fn, *args, _shapes=shapes, **kwargs)
 
 
 def _value_with_grad_of(value, surrogate):
@@ -419,14 +425,13 @@ class GraphEstimator(ScoreEstimator):
         self._require_seen(guard)
         return _value_with_grad_of(loss, surrogate)
 
-    def loss_and_grads(self, model, guide, *args, **kwargs):
+    def training_loss(self, model, guide, *args, **kwargs):
         self._check_call(guide)
         baseline = {"use_decaying_avg_baseline": True, "baseline_beta": self.baseline_beta}
         guard = self._guard(guide, baseline=baseline)
         elbo, surrogate = self.elbo.elbo_and_surrogate(model, guard(guide), args, kwargs)
         self._require_seen(guard)
-        surrogate.backward()
-        return (-elbo).detach()
+        return _value_with_grad_of(-elbo, surrogate)
 
     def state_dict(self):
         site = getattr(self, "_site", None)

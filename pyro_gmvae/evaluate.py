@@ -1,13 +1,10 @@
 """Test-set evaluation: cluster posteriors, the ELBO, an importance-weighted bound, clustering metrics."""
 
-import math
-
-import pyro
 import pyro.poutine as poutine
 import torch
-import torch.nn.functional as F
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 
+from .estimators import make_estimator
 from .metrics import clustering_report
 from .nets import prepare_data
 from .objectives import cluster_kl
@@ -63,7 +60,8 @@ def elbo(model, guide, x, batch_size=1000, num_particles=1) -> float:
     total = 0.0
     with _EvalMode(model, guide):
         for b in _batches(x, batch_size):
-            total -= estimator.loss(model_fn, guide_fn, b)
+            with model.shared_pass():
+                total -= estimator.loss(model_fn, guide_fn, b)
     return total / x.shape[0]
 
 
@@ -95,48 +93,27 @@ def elbo_per_point(model, guide, x):
 def iw_log_likelihood(model, guide, x, num_samples=100, batch_size=100) -> float:
     r"""Importance-weighted bound on log p(x), nats per data point, with the cluster summed exactly.
 
-    Stratified over clusters: for each y, S draws z_{y,s} ~ q(z | x, y) (the guide with its
-    cluster site fixed to y), and
+    The bound the ``iwae-enum`` estimator trains on
+    (:class:`~pyro_gmvae.estimators.IWAEEnumEstimator`), with S = ``num_samples`` draws per
+    cluster, in eval mode:
 
     .. math::
         \log \hat p(x) = \log \sum_y \frac1S \sum_s \frac{p(x, y, z_{y,s})}{q(z_{y,s} \mid x, y)},
 
     an unbiased estimate of p(x) inside the log, so a lower bound on log p(x) that tightens as S
-    grows (Burda et al. 2016). It needs only the guide's continuous sites; for gmvae_w they are
-    x and w.
+    grows (Burda et al. 2016). It needs only the guide's continuous sites; for gmvae_w (x and w,
+    whose guide does not depend on c) the S draws are shared by the K clusters. A batch holds
+    K·S·``batch_size`` decoder rows.
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples (S) must be an integer >= 1, got {num_samples!r}")
-    site, k = model.cluster_site, model.k
+    bound = make_estimator("iwae-enum", model=model, guide=guide, num_particles=num_samples)
     total = 0.0
     with _EvalMode(model, guide):
         for b in _batches(x, batch_size):
-            log_w = []
-            for j in range(k):
-                y = F.one_hot(torch.tensor(j, device=b.device), k).to(b.dtype).expand(b.shape[0], k)
-                fixed = {site: y}
-                # The S draws sit in a plate left of the data plate, so every site gets shape (S, B).
-                with pyro.plate("iw_samples", num_samples, dim=-2):
-                    guide_trace = poutine.trace(poutine.condition(guide, fixed)).get_trace(b)
-                    model_trace = poutine.trace(
-                        poutine.replay(poutine.condition(model.model, fixed), trace=guide_trace)
-                    ).get_trace(b)
-                log_w.append(_log_joint(model_trace) - _log_joint(guide_trace, latent_only=True))
-            log_w = torch.stack(log_w)  # (K, S, B)
-            log_p = log_w.flatten(0, 1).logsumexp(0) - math.log(num_samples)
-            total += log_p.sum().item()
+            with model.shared_pass():
+                total -= bound.loss(model.model, guide, b).item()
     return total / x.shape[0]
-
-
-def _log_joint(trace, latent_only=False):
-    """Sum of the sample sites' log-probs, each of shape (S, B); guide: its latent sites only."""
-    trace.compute_log_prob()
-    terms = [
-        site["log_prob"]
-        for site in trace.nodes.values()
-        if site["type"] == "sample" and not (latent_only and site["is_observed"])
-    ]
-    return sum(terms)
 
 
 @torch.no_grad()

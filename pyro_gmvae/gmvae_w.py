@@ -1,5 +1,6 @@
 """The Gaussian-mixture VAE of Dilokthanakul et al. (2016), with latents w, x and cluster c."""
 
+import contextlib
 import functools
 import math
 
@@ -60,50 +61,56 @@ class GMVAEW(MixtureVAE):
             channels = out // (data_dim // self.image_shape[0])
             self.decoder = ConvDecoder(x_dim, self.image_shape, channels)
         xavier_init(self)
-        self._last_components, self._last_log_lik = _LastCall(), _LastCall()
+        self._shared = None  # the tables of the open shared_pass, if any
+
+    @contextlib.contextmanager
+    def shared_pass(self):
+        """One ELBO evaluation's scope, in which the guide and the model share the prior
+        network's pass and the component table.
+
+        Under TraceEnum_ELBO the model replays the guide's w and x (the very tensors), so the
+        guide's exact p(c|x,w) and the model's p(x|c,w) need the same μ_c(w), σ_c(w) (the
+        network's largest layers) and the same (..., B, K, x_dim) table log N(x | μ_c, σ²_c), the
+        largest elementwise work of a step. Inside the scope each is computed once per input
+        tensors; the tables are dropped when it closes.
+        """
+        outer, self._shared = self._shared, {}
+        try:
+            yield
+        finally:
+            self._shared = outer
+
+    def _reuse(self, name, inputs, compute):
+        table = self._shared
+        if table is None:
+            return compute()
+        key = (name, torch.is_grad_enabled(), *map(id, inputs))
+        entry = table.get(key)
+        # The inputs are kept with the result: an id is only unique while its tensor lives.
+        if entry is None or any(a is not b for a, b in zip(entry[0], inputs)):
+            entry = table[key] = (inputs, compute())
+        return entry[1]
 
     def components(self, w):
-        """μ_c(w) and σ_c(w) for every cluster: two tensors of shape (..., K, x_dim).
+        """μ_c(w) and σ_c(w) for every cluster: two tensors of shape (..., K, x_dim), computed
+        once per ``w`` inside a :meth:`shared_pass`."""
 
-        The last result is reused for the same ``w`` tensor: under TraceEnum_ELBO the model
-        replays the guide's w, so the guide's p(c|x,w) and the model's p(x|c,w) share one pass of
-        the prior network (its largest layers). The reuse is keyed on the parameters' versions
-        and the grad mode, so an optimiser step or ``no_grad`` never sees a stale result.
-        """
-        key = (torch.is_grad_enabled(), tuple(p._version for p in self._prior_params))
-        last = self._last_components.entry
-        if last is not None and last[0] is w and last[1] == key:
-            return last[2]
-        h = self.prior_net(w)
-        shape = (*w.shape[:-1], self.k, self.x_dim)
-        loc = self.prior_loc(h).reshape(shape)
-        scale = positive(self.prior_var(h), self.min_var).sqrt().reshape(shape)
-        self._last_components.entry = (w, key, (loc, scale))
-        return loc, scale
+        def compute():
+            h = self.prior_net(w)
+            shape = (*w.shape[:-1], self.k, self.x_dim)
+            loc = self.prior_loc(h).reshape(shape)
+            scale = positive(self.prior_var(h), self.min_var).sqrt().reshape(shape)
+            return loc, scale
 
-    @property
-    def _prior_params(self):
-        return (
-            *self.prior_net.parameters(),
-            *self.prior_loc.parameters(),
-            *self.prior_var.parameters(),
-        )
+        return self._reuse("components", (w,), compute)
 
     def component_log_lik(self, x, w):
-        """log N(x | μ_c(w), σ²_c(w)) for every cluster c, shape (..., B, K).
-
-        Reused, like :meth:`components`, for the same ``x`` and ``w`` tensors: the guide's exact
-        posterior p(c|x,w) and the model's p(x|c,w) (:class:`ComponentNormal`) then share one
-        (..., B, K, x_dim) pass, the largest elementwise work of a step.
-        """
+        """log N(x | μ_c(w), σ²_c(w)) for every cluster c, shape (..., B, K), computed once per
+        ``(x, w)`` inside a :meth:`shared_pass`."""
         loc, scale = self.components(w)
-        key = (x, loc, scale, torch.is_grad_enabled())
-        last = self._last_log_lik.entry
-        if last is not None and all(a is b for a, b in zip(last[0], key)):
-            return last[1]
-        log_lik = normal_log_density(x.unsqueeze(-2), loc, scale)
-        self._last_log_lik.entry = (key, log_lik)
-        return log_lik
+        return self._reuse(
+            "log_lik", (x, w), lambda: normal_log_density(x.unsqueeze(-2), loc, scale)
+        )
 
     def cluster_log_posterior(self, x, w):
         """log p(c | x, w), shape (..., K): exact, from Bayes' rule over the K components."""
@@ -211,16 +218,3 @@ class ComponentNormal(TorchDistribution):
         else:
             table = self.log_lik(value)
         return select_component(table.unsqueeze(-1), self.idx).squeeze(-1)
-
-
-class _LastCall:
-    """Holds a method's last (input, key, output); dropped on copy and pickling (it holds a graph)."""
-
-    def __init__(self):
-        self.entry = None
-
-    def __deepcopy__(self, memo):
-        return _LastCall()
-
-    def __getstate__(self):
-        return {"entry": None}

@@ -113,8 +113,9 @@ def hand_iw(log_w):
     return (log_w.flatten(0, 1).logsumexp(0) - math.log(s)).mean().item()
 
 
-def _iw_with_all_draws(model, guide, x, s, names):
-    """Run iw_log_likelihood and keep every guide call's draws (one call per cluster)."""
+def _iw_with_draws(model, guide, x, s, names):
+    """Run iw_log_likelihood on one batch and keep the guide's draws (one call, the cluster
+    enumerated in parallel: a site that depends on it has a leading (K,) dim)."""
     calls = []
 
     class Keep(RecordingGuide):
@@ -124,18 +125,19 @@ def _iw_with_all_draws(model, guide, x, s, names):
             return out
 
     got = iw_log_likelihood(model, Keep(guide, names), x, num_samples=s, batch_size=x.shape[0])
-    return got, calls
+    assert len(calls) == 1
+    return got, {name: calls[0][name][0] for name in names}
 
 
 @torch.no_grad()
 def test_iw_bound_gmvae_equals_the_stratified_sum():
     model, guide = gmvae_pair()
     x, s = binary_data(10), 7
-    got, calls = _iw_with_all_draws(model, guide, x, s, ["z"])
-    draws = [c["z"][0] for c in calls]
-    assert len(draws) == K and draws[0].shape == (s, 10, 2)
+    got, draws = _iw_with_draws(model, guide, x, s, ["z"])
+    z = draws["z"]  # z ~ q(z|x,y) for each y: S draws per cluster
+    assert z.shape == (K, s, 10, 2)
     guide.eval(), model.eval()
-    assert got == pytest.approx(hand_iw(gmvae_log_weights(model, guide, x, draws)), abs=1e-5)
+    assert got == pytest.approx(hand_iw(gmvae_log_weights(model, guide, x, list(z))), abs=1e-5)
 
 
 @torch.no_grad()
@@ -144,12 +146,12 @@ def test_iw_bound_gmvae_w_equals_the_stratified_sum(cluster):
     model, guide = gmvae_w_pair(cluster=cluster)
     obs, s = binary_data(10), 5
     guide.train()  # evaluation must switch BatchNorm to its running statistics itself
-    got, calls = _iw_with_all_draws(model, guide, obs, s, ["x", "w"])
+    got, draws = _iw_with_draws(model, guide, obs, s, ["x", "w"])
     assert guide.training
-    xs, ws = [c["x"][0] for c in calls], [c["w"][0] for c in calls]
-    assert len(xs) == K and xs[0].shape == (s, 10, 2)
+    x, w = draws["x"], draws["w"]  # q(x, w | obs) does not depend on c: one set for all K
+    assert x.shape == (s, 10, 2) and w.shape == (s, 10, 2)
     guide.eval()
-    expected = hand_iw(gmvae_w_log_weights(model, guide, obs, xs, ws))
+    expected = hand_iw(gmvae_w_log_weights(model, guide, obs, [x] * K, [w] * K))
     assert got == pytest.approx(expected, abs=1e-5)
 
 

@@ -23,6 +23,8 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     log = (tmp_path / "steps.log").read_text()
     assert proc.returncode == 0, log + proc.stdout[-2000:] + proc.stderr[-2000:]
     steps = [line.split()[0] for line in log.splitlines() if " rc=" in line]
-    assert steps == ["machine", "tests", "bench_step", "bench_epoch", "quality"]
-    for name in ("bench_step_cuda.json", "bench_epoch_cuda.json", "quality_mnist.json"):
+    assert steps == ["machine", "tests", "bench_step", "bench_epoch", "quality", "torchrun1",
+                     "torchrun2"]  # fmt: skip
+    for name in ("bench_step_cuda.json", "bench_epoch_cuda.json", "quality_mnist.json",
+                 "torchrun1/summary.json", "torchrun2/summary.json"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0, name

@@ -1,8 +1,6 @@
 """Models and networks: shapes under enumeration, input errors, sampling, and a short training run
 that must cluster a synthetic mixture."""
 
-import copy
-
 import numpy as np
 import pyro
 import pytest
@@ -308,23 +306,37 @@ def test_short_training_clusters_a_synthetic_mixture(name):
     assert accuracy >= 0.6, accuracy
 
 
-def test_gmvae_w_reuses_the_prior_network_only_while_it_is_valid(make_tiny, binary_batch):
-    """components(w) is computed once per step (guide and model share it), never stale."""
+def test_gmvae_w_shares_the_prior_network_only_inside_a_shared_pass(make_tiny, binary_batch):
+    """Inside one shared_pass (one ELBO call) guide and model share components(w); outside it,
+    and after it closes, every call computes afresh (nothing carried between calls)."""
     model, guide = make_tiny("gmvae_w")
     calls = []
     model.prior_net.register_forward_hook(lambda *_: calls.append(1))
-    make_estimator("enum").loss(model.model, guide, binary_batch)
+    estimator = make_estimator("enum")
+    with model.shared_pass():
+        shared = estimator.loss(model.model, guide, binary_batch)
     assert len(calls) == 1  # the guide's p(c|x,w) and the model's p(x|c,w) share one pass
+    rng = pyro.util.get_rng_state()
+    calls.clear()
+    pyro.util.set_rng_state(rng)
+    plain = estimator.loss(model.model, guide, binary_batch)
+    assert (
+        len(calls) == 3
+    )  # no scope: the guide, the model and its log-density table each compute it
+    pyro.util.set_rng_state(rng)
+    with model.shared_pass():
+        again = estimator.loss(model.model, guide, binary_batch)
+    assert torch.equal(plain, again) and model._shared is None
 
     w = torch.randn(4, model.w_dim, dtype=torch.float64)
-    first = model.components(w)[0]
-    assert model.components(w)[0] is first
-    with torch.no_grad():
-        model.prior_loc.bias.add_(1.0)  # an optimiser step changes the parameters in place
-    assert torch.allclose(model.components(w)[0], first + 1.0)
-    with torch.no_grad():
-        assert not model.components(w)[0].requires_grad  # grad mode is part of the key
-    assert copy.deepcopy(model)._last_components.entry is None
+    with model.shared_pass():
+        first = model.components(w)[0]
+        assert model.components(w)[0] is first
+        assert model.components(w.clone())[0] is not first  # keyed on the very tensor
+        with torch.no_grad():
+            assert not model.components(w)[0].requires_grad  # grad mode is part of the key
+    assert model.components(w)[0] is not first
+    assert not torch.equal(shared, torch.zeros(()))
 
 
 @pytest.mark.parametrize(

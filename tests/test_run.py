@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import pyro_gmvae.harness.run as R
+import pyro_gmvae.train as T
 from pyro_gmvae.evaluate import cluster_probs
 from pyro_gmvae.harness.run import RunConfig, load_run, read_metrics, run
 from pyro_gmvae.train import NonFiniteLossError, Trainer
@@ -233,7 +234,7 @@ def test_resume_from_a_checkpoint_of_another_device_type(reference, tmp_path):
     moved = tmp_path / "from_cuda"
     shutil.copytree(reference["out"], moved)
     state = torch.load(moved / "checkpoint.pt", weights_only=False)
-    state["batches"] = torch.zeros(16, dtype=torch.uint8)
+    state["trainer"]["batches"] = torch.zeros(16, dtype=torch.uint8)
     R.atomic_save(state, moved / "checkpoint.pt")
     with pytest.warns(UserWarning, match="another device type"):
         summary = run(config(moved, epochs=5), resume=True)
@@ -378,7 +379,7 @@ def test_bad_data_raise_before_training(dataset, corrupt, message, tmp_path, mon
 
 @pytest.mark.parametrize("on_nan", ["raise", "rollback"])
 def test_a_nan_batch_during_a_run(on_nan, tmp_path, monkeypatch):
-    iterate = R.iterate_minibatches
+    iterate = T.iterate_minibatches
 
     def poisoned(*args, **kwargs):
         for i, x in enumerate(iterate(*args, **kwargs)):
@@ -387,7 +388,7 @@ def test_a_nan_batch_during_a_run(on_nan, tmp_path, monkeypatch):
                 x[0, 0] = math.nan
             yield x
 
-    monkeypatch.setattr(R, "iterate_minibatches", poisoned)
+    monkeypatch.setattr(T, "iterate_minibatches", poisoned)
     cfg = config(tmp_path, epochs=1, kl_warmup_epochs=0, on_nan=on_nan)
     if on_nan == "raise":
         with pytest.raises(NonFiniteLossError, match="step 1"):

@@ -12,10 +12,15 @@ import pytest
 import torch
 
 from pyro_gmvae import GMVAE
+from pyro_gmvae.guides import make_guide
 from pyro_gmvae.nets import set_validation
-from pyro_gmvae.train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule
-
-# The free-bits factor's ordering warning is expected (see pyro_gmvae.objectives).
+from pyro_gmvae.train import (
+    OPTIMIZERS,
+    NonFiniteLossError,
+    Trainer,
+    TrainingInterrupted,
+    kl_weight_schedule,
+)
 
 D, K, B = 6, 3, 16
 
@@ -52,13 +57,55 @@ def test_seed_makes_a_cpu_run_reproducible():
     assert runs[0][0][1:] != runs[2][0][1:]
 
 
+@pytest.mark.parametrize("estimator", ["enum", "enum-jit", "graph"])
+def test_a_trainer_keeps_its_own_param_store_and_random_stream(estimator):
+    """No global side effect: the global RNG and param store are as they were, and another
+    model's entries under the same names in the global store change nothing (enum-jit and
+    graph read parameters and the baseline from the store)."""
+    model, x = tiny_model(), batches(1)[0]
+    guide = make_guide(None, model)
+    reference = Trainer(copy.deepcopy(model), copy.deepcopy(guide), estimator=estimator)
+    expected = [reference.step(x).item() for _ in range(3)]
+    pyro.clear_param_store()
+    for name, p in model.named_parameters():  # stale entries, as a model trained before left
+        pyro.param(f"{model.name}$$${name}", torch.full_like(p, 3.0))
+    keys = set(pyro.get_param_store().keys())
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    trainer = Trainer(model, guide, estimator=estimator)
+    assert [trainer.step(x).item() for _ in range(3)] == expected
+    trainer.loss(x), trainer.state_dict()
+    assert torch.equal(torch.get_rng_state(), before)
+    assert set(pyro.get_param_store().keys()) == keys
+
+
+def test_fit_resumed_mid_epoch_equals_an_uninterrupted_fit():
+    """fit() from a state saved by a stop() mid-epoch continues the same data stream and draws."""
+    x = torch.cat(batches(5))  # 80 rows: 5 batches of 16 per epoch
+    full = Trainer(tiny_model())
+    rows = []
+    full.fit(x, 3, B, evaluate=lambda epoch, loss: rows.append((epoch, loss)))
+
+    saved, polls = [], iter(range(10**6))
+    first = Trainer(tiny_model())
+    with pytest.raises(TrainingInterrupted):
+        first.fit(x, 3, B, evaluate=lambda *a: None, checkpoint=lambda: saved.append(
+            copy.deepcopy(first.state_dict())), stop=lambda: next(polls) == 7)  # fmt: skip
+    assert first.position["epoch"] == 1 and first.position["batch"] == 3
+    second = Trainer(tiny_model(seed=5), seed=9)  # everything must come from the state
+    second.load_state_dict(saved[-1])
+    resumed = []
+    second.fit(x, 3, B, evaluate=lambda epoch, loss: resumed.append((epoch, loss)))
+    assert resumed == rows[1:]
+    assert_params_equal(params_of(full), params_of(second))
+
+
 def raw_grads(trainer, x):
     """The unclipped gradients of a step on x, from the same random draws as the next step."""
-    state = pyro.util.get_rng_state()
-    trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
+    with trainer.context(advance=False):  # the trainer's stream, left where it was
+        trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
     raw = [p.grad.clone() for p in trainer.params]
     trainer.optimizer.zero_grad(set_to_none=True)
-    pyro.util.set_rng_state(state)
     return raw
 
 
@@ -288,29 +335,11 @@ def test_a_checkpoint_of_an_unfused_optimizer_resumes_fused():
     new = Trainer(tiny_model(seed=5))
     new.load_state_dict(torch.load(buffer, weights_only=False))
     assert all(group["fused"] for group in new.optimizer.param_groups)
-    for x in xs[k:]:
-        rng = pyro.util.get_rng_state()
+    for x in xs[k:]:  # the same draws for both: the stream is part of the state
         old.step(x)
-        pyro.util.set_rng_state(rng)  # the same draws for both
         new.step(x)
     for p, q in zip(params_of(old), params_of(new)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-def test_a_fused_step_invalidates_what_is_cached_on_parameter_versions():
-    """GMVAE-w reuses its prior network's output while the parameters' versions are unchanged;
-    a fused kernel writes parameters without bumping them, so the trainer's optimiser does."""
-    from pyro_gmvae import GMVAEW
-
-    pyro.set_rng_seed(0)
-    model = GMVAEW(data_dim=D, k=K, x_dim=2, w_dim=2, hidden=8)
-    trainer = Trainer(model)
-    w = torch.randn(4, 2)
-    first = model.components(w)[0]
-    assert model.components(w)[0] is first
-    trainer.step(batches(1)[0])
-    fresh = model.components(w)[0]
-    assert fresh is not first and not torch.allclose(fresh, first)
 
 
 def test_rollback_after_load_returns_to_the_loaded_state():
@@ -338,8 +367,8 @@ def test_kl_weight_scales_the_cluster_kl_exactly():
 
     def loss_at(beta):
         trainer.set_kl_weight(beta)
-        pyro.set_rng_seed(7)
-        return trainer.loss(x).item()
+        with trainer.context(advance=False):  # the same draws for every β
+            return trainer.loss(x).item()
 
     losses = {beta: loss_at(beta) for beta in (0.0, 0.5, 1.0, 2.0, 3.0)}
     q = trainer.guide.cluster_probs(x)
@@ -349,19 +378,18 @@ def test_kl_weight_scales_the_cluster_kl_exactly():
         assert value - losses[0.0] == pytest.approx(beta * kl, abs=2e-4)
     # β also reaches the gradient step: a step's loss at β=2 is the same affine function.
     trainer.set_kl_weight(2.0)
-    pyro.set_rng_seed(7)
-    assert trainer.step(x).item() == pytest.approx(losses[2.0], abs=1e-4)
+    with trainer.context(advance=False):
+        assert trainer.step(x).item() == pytest.approx(losses[2.0], abs=1e-4)
 
 
 def test_free_bits_floor_the_cluster_kl():
     """With λ above the KL, the cluster term is B·λ whatever q(y|x) is."""
     model = tiny_model()
     x = batches(1)[0]
-    plain = Trainer(model, kl_weight=0.0)  # β = 0: the reconstruction part only
-    pyro.set_rng_seed(7)
+    guide = make_guide(None, model)
+    plain = Trainer(model, guide, kl_weight=0.0, seed=7)  # β = 0: the reconstruction part only
     base = plain.loss(x).item()
-    floored = Trainer(model, free_bits=5.0)
-    pyro.set_rng_seed(7)
+    floored = Trainer(model, guide, free_bits=5.0, seed=7)  # the same seed: the same draws
     assert floored.loss(x).item() - base == pytest.approx(B * 5.0, abs=1e-3)
 
 

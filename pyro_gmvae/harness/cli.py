@@ -70,7 +70,6 @@ from pyro_gmvae.harness.run import (
 from pyro_gmvae.train import (
     NonFiniteLossError,
     Trainer,
-    kl_weight_schedule,
     resolve_device,
 )
 
@@ -308,7 +307,7 @@ def dry_run(cfg: RunConfig, parser, data_dim=None, shape=None) -> None:
             trainer = Trainer(
                 model, guide, estimator=cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr,
                 clip_norm=cfg.clip_norm, free_bits=cfg.free_bits, num_particles=cfg.mc_samples,
-                kl_weight=kl_weight_schedule(0, cfg.kl_weight, cfg.kl_warmup_epochs),
+                kl_weight=cfg.kl_weight, kl_warmup_epochs=cfg.kl_warmup_epochs, lr_decay=cfg.lr_decay,
                 device="cpu", seed=cfg.seed, on_nan=cfg.on_nan,
             )  # fmt: skip
             trainer.loss(fake)
@@ -387,9 +386,10 @@ def main(argv=None, prog="mnist_unsup.py") -> dict:
     except KeyboardInterrupt:
         sys.exit(f"\ninterrupted; continue from the last checkpoint (or start over, if there is "
                  f"none yet) with: {again} --resume --out {cfg.out}")  # fmt: skip
-    from pyro_gmvae.harness.plots import (
-        make_figures,
-    )  # matplotlib and torchvision: only once needed
+    if summary.rank_:  # a data-parallel replica: rank 0 draws and reports
+        return summary
+    # matplotlib and torchvision: only once needed
+    from pyro_gmvae.harness.plots import make_figures
 
     model, guide, test = summary.model_, summary.guide_, summary.test_
     figures = make_figures(cfg.out, model, guide, test.x, test.labels, test.image_shape,

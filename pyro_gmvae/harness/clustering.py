@@ -9,7 +9,6 @@ import numpy as np
 import pyro
 import torch
 import torch.nn.functional as F
-from pyro.infer.util import is_validation_enabled
 from sklearn.base import (
     BaseEstimator,
     ClassNamePrefixFeaturesOutMixin,
@@ -18,14 +17,13 @@ from sklearn.base import (
 )
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
-from tqdm.auto import tqdm
 
 from .. import nets
 from ..evaluate import _batches, _EvalMode, cluster_probs, elbo_per_point
 from ..guides import make_guide
 from ..init import INIT_METHODS, encode_all, initialise
 from ..train import Trainer, resolve_device, rng_state, set_rng_state
-from .data import binarize_fixed, iterate_minibatches
+from .data import binarize_fixed
 
 try:
     from sklearn.utils.validation import validate_data
@@ -369,27 +367,12 @@ class GMVAEClustering(
             report = initialise(
                 model, guide, x, method=self.init, pretrain_epochs=self.pretrain_epochs, seed=seed
             )
-        generator = torch.Generator(device=self.device_).manual_seed(seed)
         binarize = "dynamic" if self.likelihood_ == "bernoulli" else "none"
-        batch_size = min(self.batch_size, x.shape[0])
-        # Pyro's own checks (distribution arguments) run on the first step only, as in run.py.
-        pyro_checks = is_validation_enabled()
         curve = []
-        epochs = tqdm(
-            range(self.max_epochs),
-            desc=f"{self.model} K={self.n_clusters}",
-            unit="epoch",
-            disable=not self.verbose,
-        )
-        for _ in epochs:
-            total, seen = torch.zeros((), device=self.device_), 0
-            for xb in iterate_minibatches(x, batch_size, generator, binarize=binarize):
-                with pyro.validation_enabled(pyro_checks):
-                    total += trainer.step(xb)
-                pyro_checks = False
-                seen += xb.shape[0]
-            curve.append(-total.item() / seen)
-            epochs.set_postfix(elbo=f"{curve[-1]:.2f}")
+        # Each epoch's mean training ELBO per point, the curve that selects among restarts.
+        trainer.fit(x, self.max_epochs, min(self.batch_size, x.shape[0]), binarize=binarize,
+                    evaluate=lambda epoch, loss: curve.append(-loss), progress=self.verbose,
+                    desc=f"{self.model} K={self.n_clusters}")  # fmt: skip
         model.eval(), guide.eval()
         return _Restart(model, guide, curve, report, seed)
 

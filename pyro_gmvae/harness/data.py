@@ -1,4 +1,4 @@
-"""Datasets as device-resident tensors, and minibatch iteration with a checkpointable generator.
+"""Datasets as device-resident tensors (minibatches are drawn by :mod:`pyro_gmvae.train`).
 
 Image datasets (MNIST, Fashion-MNIST, SVHN) are read through the real ``torchvision.datasets``
 classes and returned whole as one flattened float tensor with grey levels in [0, 1]; all of
@@ -27,11 +27,12 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..train import iterate_minibatches  # noqa: F401 - where the data tools are looked for
 
 DATA_ENV_VAR = "PYRO_GMVAE_DATA"
 DATASETS = ("mnist", "fashion-mnist", "svhn")
@@ -432,7 +433,7 @@ def make_arcs(
     return ArrayDataset(x[order].float(), labels[order], None, "arcs")
 
 
-# --------------------------------------------------------------------------- minibatches
+# --------------------------------------------------------------------------- binarisation
 
 
 def binarize_fixed(x, seed=0) -> torch.Tensor:
@@ -443,73 +444,3 @@ def binarize_fixed(x, seed=0) -> torch.Tensor:
     """
     g = torch.Generator().manual_seed(int(seed))
     return torch.bernoulli(x.detach().to("cpu", torch.float32), generator=g).to(x.device, x.dtype)
-
-
-_BINARIZE = ("dynamic", "none")
-
-
-class _Minibatches:
-    """Iterator over minibatches that also knows how many it will yield."""
-
-    def __init__(self, x, batch_size, generator, binarize, order, drop_last):
-        self._x, self._bs, self._g, self._binarize = x, batch_size, generator, binarize
-        self._order = order
-        n = len(x)
-        self._len = n // batch_size if drop_last else -(-n // batch_size)
-        self._i = 0
-
-    def __len__(self):
-        return self._len
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self._i >= self._len:
-            raise StopIteration
-        start = self._i * self._bs
-        idx = self._order[start : start + self._bs]
-        self._i += 1
-        batch = self._x[idx]
-        if self._binarize == "dynamic":
-            batch = torch.bernoulli(batch, generator=self._g)
-        return batch
-
-
-def iterate_minibatches(
-    x, batch_size, generator, binarize="dynamic", shuffle=True, drop_last=True
-) -> Iterator[torch.Tensor]:
-    """One epoch of minibatches of the rows of ``x``.
-
-    All randomness (the row order and the binarisation) is drawn from ``generator``, a
-    ``torch.Generator`` on ``x``'s device, so saving its state in a checkpoint is enough to
-    resume the exact same stream. The row permutation is drawn when this is called; the
-    Bernoulli draws happen batch by batch as the iterator is consumed.
-
-    Args:
-        x: ``(N, D)`` tensor (grey levels in [0, 1] when binarising).
-        batch_size: rows per batch, ``1 <= batch_size <= N``.
-        generator: ``torch.Generator`` on ``x.device``.
-        binarize: ``"dynamic"``: a fresh ``torch.bernoulli`` draw of every batch (the dynamic
-            binarisation used by both Shu's and Dilokthanakul's code); ``"none"``: as is.
-        shuffle: visit rows in a random order (else in order).
-        drop_last: drop the final short batch, giving ``N // batch_size`` batches; otherwise
-            ``ceil(N / batch_size)`` batches cover every row exactly once.
-
-    Returns:
-        An iterator of ``(batch, D)`` tensors that supports ``len()``.
-    """
-    if binarize not in _BINARIZE:
-        raise ValueError(f"binarize must be one of {_BINARIZE}, got {binarize!r}")
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    n, batch_size = len(x), int(batch_size)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if batch_size > n:
-        raise ValueError(f"batch_size {batch_size} exceeds the number of rows N = {n}")
-    if shuffle:
-        order = torch.randperm(n, generator=generator, device=x.device)
-    else:
-        order = torch.arange(n, device=x.device)
-    return _Minibatches(x, batch_size, generator, binarize, order, drop_last)

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer.util import is_validation_enabled
-from tqdm.auto import tqdm
 
 from .. import MODELS, make_model
 from ..estimators import ESTIMATORS
@@ -30,11 +28,10 @@ from ..evaluate import evaluate, iw_log_likelihood
 from ..guides import GUIDE_FITS, GUIDES, make_guide
 from ..init import INIT_METHODS, autoencoder_loss, initialise
 from ..nets import data_checks
-from ..train import OPTIMIZERS, NonFiniteLossError, Trainer, kl_weight_schedule, resolve_device
+from ..train import OPTIMIZERS, Trainer, TrainingInterrupted, resolve_device
 from .data import (
     binarize_fixed,
     is_user_data,
-    iterate_minibatches,
     load_dataset,
     load_user_data,
     make_arcs,
@@ -532,11 +529,12 @@ class RunResult(dict):
     """The final summary of a run (what summary.json holds), carrying the trained model and
     guide as ``model_`` and ``guide_`` (in eval mode) and the data they were evaluated on as
     ``test_`` (binarised and cut as the run evaluates it), so no caller reloads or rebuilds
-    them."""
+    them. ``rank_``: the process that returns it (0, or None without torch.distributed); only
+    rank 0's holds the final metrics."""
 
-    def __init__(self, summary: dict, model_, guide_, test_=None):
+    def __init__(self, summary: dict, model_, guide_, test_=None, rank_=0):
         super().__init__(summary)
-        self.model_, self.guide_, self.test_ = model_, guide_, test_
+        self.model_, self.guide_, self.test_, self.rank_ = model_, guide_, test_, rank_
 
 
 def run(cfg: RunConfig, resume: bool = False, log=None) -> RunResult:
@@ -547,22 +545,57 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> RunResult:
     after an interrupt); a directory whose run stopped before its first checkpoint starts over.
     ``log``: a callable given one line of text before training starts (device, threads and the
     estimated duration), e.g. ``print``; None says nothing.
+
+    Launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), every process trains one
+    replica of the model on its share of each batch (:class:`~pyro_gmvae.train.Trainer`; gloo
+    on CPU, NCCL on GPUs, one GPU per process); rank 0 alone evaluates and writes the run
+    directory, and the returned summary is rank 0's (``rank_`` says which process returns).
     """
     cfg.validate()
     out = Path(cfg.out)
+    with _process_group(cfg) as (device, rank):
+        lead = not rank  # rank 0, or the one process
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+        lock = run_lock(out) if lead else contextlib.nullcontext()
+        with lock, _stop_on_signals() as stop:
+            start = None
+            if resume:
+                start = _load_checkpoint(out, cfg, log if lead else None)
+            elif _checkpoints(out):
+                raise FileExistsError(
+                    f"{out} already holds a run; pass resume=True (--resume) or another --out"
+                )
+            if rank is not None:  # every process has read the folder before rank 0 writes
+                torch.distributed.barrier()
+            if lead:
+                for stale in out.glob("*.tmp"):  # left by a kill between a write and its rename
+                    stale.unlink()
+            return _run(cfg, out, device, start, log if lead else None, stop)
+
+
+@contextlib.contextmanager
+def _process_group(cfg: RunConfig):
+    """(device, rank): under torchrun, this process's device and rank in a process group made
+    here (and destroyed on exit); otherwise ``cfg.device`` and None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = torch.distributed
+    if world == 1 or dist.is_initialized():
+        device = resolve_device(cfg.device)
+        yield device, (dist.get_rank() if dist.is_initialized() else None)
+        return
+    if cfg.batch_size % world:
+        raise SettingError("batch_size", f"{cfg.batch_size} must be a multiple of the {world} "
+                           "data-parallel processes (each takes an equal share of a batch)")  # fmt: skip
     device = resolve_device(cfg.device)
-    out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out), _stop_on_signals() as stop:
-        for stale in out.glob("*.tmp"):  # left by a kill between a write and its rename
-            stale.unlink()
-        start = None
-        if resume:
-            start = _load_checkpoint(out, cfg, log)
-        elif _checkpoints(out):
-            raise FileExistsError(
-                f"{out} already holds a run; pass resume=True (--resume) or another --out"
-            )
-        return _run(cfg, out, device, start, log, stop)
+    if device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device, dist.get_rank()
+    finally:
+        dist.destroy_process_group()
 
 
 def _run(cfg, out, device, start, log, stop):
@@ -574,80 +607,82 @@ def _run(cfg, out, device, start, log, stop):
     model, guide = build_model(cfg, train.x.shape[1], train.image_shape)
     trainer = Trainer(
         model, guide, estimator=cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, clip_norm=cfg.clip_norm,
-        kl_weight=kl_weight_schedule(0, cfg.kl_weight, cfg.kl_warmup_epochs), free_bits=cfg.free_bits,
-        num_particles=cfg.mc_samples, device=device, seed=cfg.seed, on_nan=cfg.on_nan,
+        kl_weight=cfg.kl_weight, free_bits=cfg.free_bits, num_particles=cfg.mc_samples, device=device,
+        seed=cfg.seed, on_nan=cfg.on_nan, lr_decay=cfg.lr_decay, kl_warmup_epochs=cfg.kl_warmup_epochs,
     )  # fmt: skip
+    lead = trainer.rank == 0  # rank 0 alone writes the run directory
     if log is not None:
         log(describe_plan(cfg, trainer, train, done_epochs=start["epoch"] if start else 0))
-    batches = torch.Generator(device=device)
-    batches.manual_seed(cfg.seed)
-    # Where in the data stream the run stands: whole epochs done, and within the next epoch the
-    # batches done, the generator state the epoch started from and the loss accumulated so far.
-    position = {"epoch": 0, "batch": 0, "epoch_start": None, "loss_sum": 0.0, "n": 0}
     elapsed = 0.0
     # CPU seconds of this process (all its threads), counted on from a checkpoint's.
     cpu0 = time.process_time() - (start or {}).get("cpu_s", 0.0)
-    if start is None:
-        write_json({**resolved_config(cfg, model, guide, device), "versions": package_versions(),
-                    "hardware": hardware(device), "data_dim": train.dim,
-                    "image_shape": train.image_shape}, out / "config.json")  # fmt: skip
-        (out / "metrics.jsonl").write_text("")
-        if cfg.init != "none" or cfg.pretrain_epochs:
-            t_init = time.perf_counter()
-            report = initialise(model, guide, train.x, cfg.init, cfg.pretrain_epochs, seed=cfg.seed,
-                                augment_shape=train.image_shape if cfg.augment else None)  # fmt: skip
-            # The initialised model is evaluated as epoch 0 and checkpointed, so a resume
-            # continues after the stage instead of repeating it.
-            elapsed = time.perf_counter() - t_init
-            row = _evaluate(cfg, trainer, test, 0, None, elapsed)
-            row.update(init_s=report["init_s"], gmm_log_likelihood=report.get("gmm_log_likelihood"))
-            _append_row(out, row)
-            _save_checkpoint(
-                out, trainer, batches, position, elapsed, cfg, time.process_time() - cpu0
-            )
-    else:
-        trainer.load_state_dict(start["trainer"])
-        position.update(start.get("position", {"epoch": start["epoch"]}))
-        generator_state = position["epoch_start"] if position["batch"] else start["batches"]
-        try:
-            # Every generator, a CUDA one too, takes its state as a CPU ByteTensor.
-            batches.set_state(generator_state.cpu())
-        except RuntimeError:
-            # Saved on another device type ("device" may change on resume): CPU and CUDA
-            # generators keep states of different kinds, so reseed, reproducibly.
-            warnings.warn(
-                "resuming on another device type: the data order continues from a fresh seed, so "
-                "this run will not match an uninterrupted one exactly",
-                stacklevel=2,
-            )
-            batches.manual_seed(cfg.seed + position["epoch"])
-            position["batch"] = 0
-        elapsed = start["elapsed"]
-        _truncate_metrics(out, trainer.step_count)
-        # Settings a resume may change (epochs, out, ...) are the run's settings from now on;
-        # a later load_config or --resume must not see the old ones.
-        path = out / "config.json"
-        saved = json.loads(path.read_text()) if path.exists() else {}
-        saved.setdefault("versions", package_versions())
-        saved.setdefault("hardware", hardware(device))
-        write_json({**saved, **resolved_config(cfg, model, guide, device)}, path)
 
-    # Pyro's own checks (distribution arguments and supports) also read back, about 25 times a
-    # step: they run on this process's first step, which catches a model or guide that is wrong,
-    # and then stop; the trainer's NaN guard covers the loss and gradients from there on. A user
-    # who switched them off keeps them off.
-    pyro_checks = is_validation_enabled()
-    last = (read_metrics(out) or [{}])[-1]
-    t0 = time.perf_counter() - elapsed
-    # The data were checked once above; per-step checks would read back from the device.
+    def checkpoint():
+        state = trainer.state_dict()  # data-parallel: gathers every rank's random stream
+        if lead:
+            _save_checkpoint(out, state, time.perf_counter() - t0, cfg, time.process_time() - cpu0)
+
+    def evaluate_row(epoch, train_loss):
+        row = _evaluate(cfg, trainer, test, epoch, train_loss, time.perf_counter() - t0)
+        row["rollbacks"] = trainer.rollbacks_total
+        _append_row(out, row)
+        return row
+
+    t0 = time.perf_counter()
+    if start is None:
+        if lead:
+            write_json({**resolved_config(cfg, model, guide, device), "versions": package_versions(),
+                        "hardware": hardware(device), "data_dim": train.dim,
+                        "image_shape": train.image_shape}, out / "config.json")  # fmt: skip
+            (out / "metrics.jsonl").write_text("")
+        if cfg.init != "none" or cfg.pretrain_epochs:
+            # The stage runs once, on rank 0; the replicas receive its result with the data-parallel
+            # wrapper's broadcast at the first step.
+            if lead:
+                report = initialise(model, guide, train.x, cfg.init, cfg.pretrain_epochs, seed=cfg.seed,
+                                    augment_shape=train.image_shape if cfg.augment else None)  # fmt: skip
+                # The initialised model is evaluated as epoch 0 and checkpointed, so a resume
+                # continues after the stage instead of repeating it.
+                row = _evaluate(cfg, trainer, test, 0, None, time.perf_counter() - t0)
+                row.update(
+                    init_s=report["init_s"], gmm_log_likelihood=report.get("gmm_log_likelihood")
+                )
+                _append_row(out, row)
+            checkpoint()
+    else:
+        trainer.load_state_dict(_trainer_state(start))
+        elapsed = start["elapsed"]
+        t0 -= elapsed
+        if lead:
+            _truncate_metrics(out, trainer.step_count)
+            # Settings a resume may change (epochs, out, ...) are the run's settings from now on;
+            # a later load_config or --resume must not see the old ones.
+            path = out / "config.json"
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            saved.setdefault("versions", package_versions())
+            saved.setdefault("hardware", hardware(device))
+            write_json({**saved, **resolved_config(cfg, model, guide, device)}, path)
+
+    last = (read_metrics(out) or [{}])[-1] if lead else {}
     try:
         stop["armed"] = True
+        # The data were checked once above; per-step checks would read back from the device.
         with data_checks(False):
-            last = _train_epochs(cfg, out, trainer, train, test, batches, position, (t0, cpu0),
-                                 last, stop, pyro_checks)  # fmt: skip
+            last = trainer.fit(
+                train.x, cfg.epochs, cfg.batch_size, binarize=cfg.binarize, eval_every=cfg.eval_every,
+                evaluate=evaluate_row, checkpoint=checkpoint, stop=lambda: stop["stop"],
+                progress=cfg.progress and lead, desc=f"{cfg.model} K={cfg.k}",
+            ) or last  # fmt: skip
+    except TrainingInterrupted:
+        raise RunInterrupted(out) from None
     finally:
         stop["armed"] = False
 
+    trainer.model.eval(), trainer.guide.eval()
+    if not lead:
+        return RunResult(
+            last, model_=trainer.model, guide_=trainer.guide, test_=test, rank_=trainer.rank
+        )
     summary = dict(last)
     if cfg.iw_samples:
         with _evaluation_rng(cfg, device):
@@ -657,71 +692,20 @@ def _run(cfg, out, device, start, log, stop):
     summary.update(wall_time_s=time.perf_counter() - t0, cpu_time_s=time.process_time() - cpu0,
                    run_dir=str(out), hardware=hardware(device),
                    model=cfg.model, k=cfg.k, seed=cfg.seed, dataset=cfg.dataset,
-                   rollbacks=trainer.rollbacks_total, complete=True)  # fmt: skip
+                   rollbacks=trainer.rollbacks_total, complete=True,
+                   processes=trainer.world_size)  # fmt: skip
     write_json(summary, out / "summary.json")
-    trainer.model.eval(), trainer.guide.eval()
-    return RunResult(summary, model_=trainer.model, guide_=trainer.guide, test_=test)
+    return RunResult(summary, model_=trainer.model, guide_=trainer.guide, test_=test, rank_=0)
 
 
-def _train_epochs(
-    cfg, out, trainer, train, test, batches, position, clocks, last, stop, pyro_checks
-):
-    device = trainer.device
-    t0, cpu0 = clocks
-
-    def checkpoint():
-        _save_checkpoint(out, trainer, batches, position, time.perf_counter() - t0, cfg,
-                         time.process_time() - cpu0)  # fmt: skip
-
-    bar = tqdm(range(position["epoch"], cfg.epochs), desc=f"{cfg.model} K={cfg.k}", unit="epoch",
-               initial=position["epoch"], total=cfg.epochs, disable=not cfg.progress)  # fmt: skip
-    for epoch in bar:
-        trainer.set_kl_weight(kl_weight_schedule(epoch, cfg.kl_weight, cfg.kl_warmup_epochs))
-        trainer.set_lr(cfg.lr * cfg.lr_decay**epoch)
-        if hasattr(trainer.guide, "set_epoch"):
-            trainer.guide.set_epoch(epoch)
-        skip = position["batch"]
-        if not skip:
-            position["epoch_start"] = batches.get_state()
-        loss_sum = torch.tensor(position["loss_sum"], device=device)
-        n = torch.tensor(position["n"], device=device, dtype=loss_sum.dtype)
-        taken, rollbacks_before = 0, trainer.rollbacks_total
-        steps = iterate_minibatches(train.x, cfg.batch_size, batches, binarize=cfg.binarize)
-        for b, x in enumerate(tqdm(steps, total=len(train) // cfg.batch_size, initial=skip, leave=False,
-                                   disable=not cfg.progress, unit="step")):  # fmt: skip
-            if b < skip:
-                continue  # replayed (its binarisation drawn) to reach the interrupted position
-            with pyro.validation_enabled(pyro_checks):
-                loss = trainer.step(x)
-            pyro_checks = False
-            # A step rolled back (on_nan="rollback") returns its non-finite loss: leave it
-            # out of the epoch's mean. Kept on the device: no host sync per step.
-            finite = torch.isfinite(loss)
-            loss_sum += torch.where(finite, loss, 0.0)
-            n += finite * x.shape[0]
-            taken += 1
-            if stop["stop"]:
-                position.update(epoch=epoch, batch=b + 1, loss_sum=loss_sum.item(), n=n.item())
-                checkpoint()
-                raise RunInterrupted(out)
-        position.update(epoch=epoch + 1, batch=0, epoch_start=None, loss_sum=0.0, n=0)
-        rolled_back = trainer.rollbacks_total - rollbacks_before
-        if rolled_back and rolled_back >= taken:
-            raise NonFiniteLossError(
-                f"epoch {epoch + 1}: every step rolled back ({rolled_back}); the model did not "
-                "train. Lower the learning rate or clip the gradients (--clip-norm)"
-            )
-        done = epoch + 1
-        if done % cfg.eval_every == 0 or done == cfg.epochs:
-            train_loss = (loss_sum / n).item() if n.item() > 0 else None
-            last = _evaluate(cfg, trainer, test, done, train_loss, time.perf_counter() - t0)
-            last["rollbacks"] = trainer.rollbacks_total
-            _append_row(out, last)
-            checkpoint()
-            bar.set_postfix(
-                loss=f"{last['train_loss']:.2f}", acc=f"{last.get('acc_hungarian', math.nan):.3f}"
-            )
-    return last
+def _trainer_state(checkpoint: dict) -> dict:
+    """The trainer's state in a checkpoint; older checkpoints kept the data position beside it."""
+    state = dict(checkpoint["trainer"])
+    if "position" not in state:
+        blank = {"batch": 0, "epoch_start": None, "loss_sum": 0.0, "n": 0}
+        state["position"] = checkpoint.get("position", {**blank, "epoch": checkpoint["epoch"]})
+        state["batches"] = checkpoint["batches"]
+    return state
 
 
 def _append_row(out: Path, row: dict) -> None:
@@ -758,17 +742,18 @@ def describe_plan(cfg: RunConfig, trainer, train, done_epochs=0) -> str:
     The estimate times two SVI steps (and two pretraining batches) on this machine without
     changing any state: parameters, gradients, estimator state and RNG streams are restored.
     """
-    x = train.x[: cfg.batch_size]
-    xb = torch.bernoulli(x) if cfg.binarize == "dynamic" else x
+    x = train.x[: cfg.batch_size // trainer.world_size]
     state = trainer.estimator.state_dict()
-    with torch.random.fork_rng(devices=[trainer.device] if trainer.device.type == "cuda" else []):
+    # The trainer's param store and random stream, the latter left where it was.
+    with trainer.context(advance=False):
+        xb = torch.bernoulli(x) if cfg.binarize == "dynamic" else x
         step_s = _time(
             lambda: trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, xb)
         )
         pre_s = 0.0
         if cfg.pretrain_epochs and hasattr(trainer.guide, "encode"):
             pre_s = _time(lambda: autoencoder_loss(trainer.model, trainer.guide, x).backward())
-    trainer.estimator.load_state_dict(state)
+        trainer.estimator.load_state_dict(state)
     trainer.optimizer.zero_grad(set_to_none=True)
     steps = len(train) // cfg.batch_size
     stages = []
@@ -799,13 +784,12 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def _save_checkpoint(out: Path, trainer, batches, position: dict, elapsed: float, cfg: RunConfig,
-                     cpu_s: float = 0.0):  # fmt: skip
+def _save_checkpoint(out: Path, state: dict, elapsed: float, cfg: RunConfig, cpu_s: float):
     """Write the exact state atomically; the checkpoint it replaces is kept as the previous one,
     to fall back to if the newest is ever unreadable."""
     atomic_save(
-        {"trainer": trainer.state_dict(), "batches": batches.get_state(), "epoch": position["epoch"],
-         "position": dict(position), "elapsed": elapsed, "cpu_s": cpu_s, "config": cfg.to_dict()},
+        {"trainer": state, "epoch": state["position"]["epoch"], "elapsed": elapsed, "cpu_s": cpu_s,
+         "config": cfg.to_dict()},
         out / CHECKPOINT, previous=out / PREVIOUS,
     )  # fmt: skip
 
