@@ -39,7 +39,7 @@ from pyro_gmvae.harness.compare import (
     comparison_curves,
     markdown_table,
     read_summary,
-    run_or_reuse,
+    run_many,
     write_results,
 )
 from pyro_gmvae.harness.plots import plot_comparison
@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--particles", type=int, default=1, help="M of the ELBO estimators")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at once, one thread each (up to the cores; several per GPU)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="first N training images (None: all)")
     p.add_argument(
         "--test-limit", type=int, default=None, help="evaluate on the first N test images"
@@ -145,7 +147,7 @@ def refusal(args, model, estimator):
 
 def train_all(args):
     """({(model, estimator): [run_dir per seed]}, {(model, estimator): why it was refused})."""
-    dirs, refused = {}, {}
+    dirs, refused, configs = {}, {}, []
     for model in args.models:
         for estimator in args.estimators:
             why = refusal(args, model, estimator)
@@ -157,15 +159,17 @@ def train_all(args):
             for seed in args.seeds:
                 run_dir = Path(args.out) / model / estimator / f"seed{seed}"
                 dirs[model, estimator].append(run_dir)
-                summary, trained = run_or_reuse(config(args, model, estimator, seed, run_dir))
-                if trained:
-                    print(
-                        f"{model:11s} {estimator:9s} seed {seed}: "
-                        f"Hungarian {summary['acc_hungarian']:.3f}, "
-                        f"H(Y|X) {summary['cond_entropy']:.3f}, "
-                        f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
-                        flush=True,
-                    )
+                configs.append(config(args, model, estimator, seed, run_dir))
+    # --workers runs at once, one thread each: the same numbers as one by one.
+    for cfg, (summary, trained) in zip(configs, run_many(configs, args.workers)):
+        if trained:
+            print(
+                f"{cfg.model:11s} {cfg.estimator:9s} seed {cfg.seed}: "
+                f"Hungarian {summary['acc_hungarian']:.3f}, "
+                f"H(Y|X) {summary['cond_entropy']:.3f}, "
+                f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
+                flush=True,
+            )
     return dirs, refused
 
 

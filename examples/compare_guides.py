@@ -41,7 +41,7 @@ from pyro_gmvae.harness.compare import (
     comparison_curves,
     markdown_table,
     read_summary,
-    run_or_reuse,
+    run_many,
     write_results,
 )
 from pyro_gmvae.harness.plots import plot_comparison
@@ -71,6 +71,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at once, one thread each (up to the cores; several per GPU)")  # fmt: skip
     p.add_argument("--limit", type=int, default=None, help="first N training images (None: all)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--hidden", type=int, default=None, help="hidden width (default: the model's)")
@@ -108,30 +110,31 @@ def pairs(models, guides):
 
 
 def train_all(args) -> dict:
-    """{(model, guide): [run_dir per seed]}; a finished run is reused, an interrupted one resumed."""
-    dirs = {}
+    """{(model, guide): [run_dir per seed]}; a finished run is reused, an interrupted one resumed.
+    ``--workers`` runs at once, one thread each: the same numbers as one by one."""
+    dirs, configs = {}, []
     for model, guide in pairs(args.models, args.guides):
         dirs[model, guide] = []
         for seed in args.seeds:
             run_dir = Path(args.out) / model / guide / f"seed{seed}"
             dirs[model, guide].append(run_dir)
-            cfg = RunConfig(
+            configs.append(RunConfig(
                 model=model, guide=guide, estimator="relaxed" if guide == "relaxed" else "enum",
                 k=args.k, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 hidden=args.hidden, latent_dim=args.z_dim, dataset=args.dataset,
                 data_dir=args.data_dir, limit=args.limit, test_limit=args.test_limit,
                 device=args.device, seed=seed, out=str(run_dir), iw_samples=args.iw_samples,
                 progress=args.progress,
-            )  # fmt: skip
-            summary, trained = run_or_reuse(cfg)
-            if trained:
-                print(
-                    f"{model:11s} {guide:15s} seed {seed}: "
-                    f"Hungarian {summary['acc_hungarian']:.3f}, "
-                    f"H(Y|X) {summary['cond_entropy']:.3f}, "
-                    f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
-                    flush=True,
-                )
+            ))  # fmt: skip
+    for cfg, (summary, trained) in zip(configs, run_many(configs, args.workers)):
+        if trained:
+            print(
+                f"{cfg.model:11s} {cfg.guide:15s} seed {cfg.seed}: "
+                f"Hungarian {summary['acc_hungarian']:.3f}, "
+                f"H(Y|X) {summary['cond_entropy']:.3f}, "
+                f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
+                flush=True,
+            )
     return dirs
 
 

@@ -377,7 +377,8 @@ class Trainer:
         NaN for a step rolled back (``on_nan="rollback"``). ``x``: see ``model.prepare``.
         Data-parallel: x is this rank's part of the batch, and the loss is the whole batch's."""
         x = self.model.prepare(x)
-        self.model.train(), self.guide.train()
+        if not (self.model.training and self.guide.training):  # walking the modules costs
+            self.model.train(), self.guide.train()
         with self.context():
             try:
                 loss = self._loss_and_grads(x)
@@ -661,7 +662,7 @@ def _global_grad_norm(params) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.get_total_norm(grads)  # one fused kernel per device and dtype
 
 
 def kl_weight_schedule(epoch: int, kl_weight: float, warmup_epochs: int) -> float:

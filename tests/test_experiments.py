@@ -117,7 +117,7 @@ def test_compare_guides(fake_mnist, tmp_path):
     out = tmp_path / "guides"
     argv = ["--models", "m2", "gmvae_w", "--guides", "mean_field", "relaxed", "--epochs", "1",
             "--seeds", "0", "1", "--limit", "100", "--test-limit", "50", "--hidden", "8",
-            "--z-dim", "2", "--batch-size", "50", "--iw-samples", "2",
+            "--z-dim", "2", "--batch-size", "50", "--iw-samples", "2", "--workers", "2",
             "--data-dir", str(fake_mnist), "--device", "cpu", "--out", str(out)]  # fmt: skip
     summaries = script.main(argv)
     # gmvae_w's own guide stands in for mean_field; the relaxed guide does not fit it.
