@@ -12,9 +12,10 @@ weights (see ``benchmarks/README.md``):
   with the factorised first layer W_x x + W_y y;
 * ``naive``: the hand-written loss with the first layer on the broadcast concatenation [x, y];
 * ``pyro_jit`` (``--jit``): ``pyro.infer.JitTraceEnum_ELBO(max_plate_nesting=1)``;
-* ``trainer`` (``--tiny``): the default training path itself, ``Trainer.step`` with the default
-  estimator (its NaN guard, its own param store and random stream), validation off as
-  ``Trainer.fit`` runs every step after the first; ``trainer_jit`` the same with ``enum-jit``;
+* ``trainer`` and ``trainer_jit`` (``--tiny``): the training path itself, ``Trainer.step`` (its
+  NaN guard, its own param store and random stream) with ``enum`` and with ``enum-jit`` (the main
+  job's default), Pyro's validation and the data checks off as ``Trainer.fit`` runs every step
+  after the first;
 * ``reference_compiled`` (``--compile``): ``torch.compile`` of the hand-written loss;
 * ``pyro_compiled_nets`` (``--compile``): ``pyro_noval`` with every sub-network ``torch.compile``d.
 
@@ -57,8 +58,8 @@ if __package__ in (None, ""):  # run as a script: make the ``benchmarks`` packag
 from benchmarks.reference import has_naive_variant, reference_loss  # noqa: E402
 from pyro_gmvae import make_guide, make_model  # noqa: E402
 from pyro_gmvae.estimators import make_estimator  # noqa: E402
-from pyro_gmvae.harness.run import git_commit  # noqa: E402
-from pyro_gmvae.nets import set_validation, validation_enabled  # noqa: E402
+from pyro_gmvae.harness.run import RunConfig, git_commit  # noqa: E402
+from pyro_gmvae.nets import data_checks, set_validation, validation_enabled  # noqa: E402
 from pyro_gmvae.train import Trainer, make_optimizer  # noqa: E402
 
 MODEL_NAMES = ("m2", "modified_m2", "gmvae", "gmvae_w")
@@ -144,7 +145,8 @@ class TrainerImpl(Impl):
         self.forward_backward = forward_backward
 
     def step(self, x):
-        with pyro.validation_enabled(False):
+        # As Trainer.fit runs every step after the first: data checked once up front.
+        with pyro.validation_enabled(False), data_checks(False):
             return self.trainer.step(x)
 
 
@@ -568,11 +570,13 @@ def targets(results, meta, device):
                     "value": ratio,
                     "passed": (ratio <= TARGET_PYRO_OVER_REFERENCE) if mnist else None,
                 })  # fmt: skip
-        if meta.get("tiny"):
+        default = "trainer_jit" if RunConfig().estimator == "enum-jit" else "trainer"
+        if meta.get("tiny") and f"{default}/reference" in ratios:
             # Issue 16: the default path's per-step overhead at tiny sizes (baseline 3.5x).
-            ratio = ratios["trainer/reference"]
+            ratio = ratios[f"{default}/reference"]
             lines.append({
-                "target": f"trainer step <= {TARGET_TINY_OVERHEAD}x reference (tiny nets): {tag}",
+                "target": f"{default} (the main job's step) <= {TARGET_TINY_OVERHEAD}x reference "
+                          f"(tiny nets): {tag}",
                 "value": ratio,
                 "passed": ratio <= TARGET_TINY_OVERHEAD,
             })  # fmt: skip
@@ -709,7 +713,7 @@ def main(argv=None):
 def _run(args, device):
     impl_names = ["pyro", "pyro_noval", "pyro_model_enum", "reference", "naive"]
     impl_names += ["pyro_jit"] if args.jit else []
-    impl_names += ["trainer"] + (["trainer_jit"] if args.jit else []) if args.tiny else []
+    impl_names += ["trainer", "trainer_jit"] if args.tiny else []
     impl_names += ["reference_compiled", "pyro_compiled_nets"] if args.compile else []
     if args.compile:
         # Inductor otherwise draws its own random numbers: same seed, other z, another loss.

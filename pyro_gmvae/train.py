@@ -348,6 +348,8 @@ class Trainer:
 
     def set_kl_weight(self, kl_weight: float) -> None:
         """Set β (e.g. once per epoch for KL annealing); λ stays as given."""
+        if getattr(self, "kl_weight", None) == kl_weight:
+            return  # new wrappers would make enum-jit compile again
         # One clear error now for an estimator whose gradients β or λ would corrupt.
         self.estimator.check_cluster_objective(kl_weight, self.free_bits)
         self.kl_weight = kl_weight
