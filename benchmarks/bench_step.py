@@ -186,8 +186,10 @@ def make_impls(model, guide, names):
             validate = name == "pyro"
 
             def forward_backward(x, est=est, validate=validate):
-                # Pyro's validation (distribution arguments and supports) is on by default.
-                with pyro.validation_enabled(validate):
+                # Pyro's validation (distribution arguments and supports) is on by default; the
+                # shared pass is the one the trainer opens around each step (gmvae_w's guide and
+                # model share the prior network's output inside it).
+                with pyro.validation_enabled(validate), model.shared_pass():
                     return est.loss_and_grads(model.model, guide, x)
 
             impls.append(Impl(name, forward_backward, params))
@@ -200,7 +202,7 @@ def make_impls(model, guide, names):
             est = make_estimator("enum", model=model, guide=model_side)
 
             def forward_backward(x, est=est, g=model_side):
-                with pyro.validation_enabled(False):
+                with pyro.validation_enabled(False), model.shared_pass():
                     return est.loss_and_grads(model.model, g, x)
 
             impls.append(Impl(name, forward_backward, params))
@@ -221,7 +223,7 @@ def make_impls(model, guide, names):
             est = make_estimator("enum", model=c_model, guide=c_guide)
 
             def forward_backward(x, est=est, m=c_model, g=c_guide):
-                with pyro.validation_enabled(False):
+                with pyro.validation_enabled(False), m.shared_pass():
                     return est.loss_and_grads(m.model, g, x)
 
             impls.append(Impl(name, forward_backward, params))
