@@ -139,8 +139,9 @@ class TrainerImpl(Impl):
         self.optimizer = trainer.optimizer
 
         def forward_backward(x):  # (loss check, FLOPs, syncs) the global RNG, as the others
-            with trainer.context(stream=False), pyro.validation_enabled(False):
-                return trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
+            with trainer.context(stream=False), trainer.model.shared_pass():
+                with pyro.validation_enabled(False):
+                    return trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, x)
 
         self.forward_backward = forward_backward
 

@@ -39,6 +39,7 @@ from pyro_gmvae.harness.compare import (
     comparison_curves,
     markdown_table,
     read_summary,
+    run_line,
     run_many,
     write_results,
 )
@@ -163,13 +164,8 @@ def train_all(args):
     # --workers runs at once, one thread each: the same numbers as one by one.
     for cfg, (summary, trained) in zip(configs, run_many(configs, args.workers)):
         if trained:
-            print(
-                f"{cfg.model:11s} {cfg.estimator:9s} seed {cfg.seed}: "
-                f"Hungarian {summary['acc_hungarian']:.3f}, "
-                f"H(Y|X) {summary['cond_entropy']:.3f}, "
-                f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
-                flush=True,
-            )
+            label = f"{cfg.model:11s} {cfg.estimator:9s} seed {cfg.seed}"
+            print(run_line(label, summary), flush=True)
     return dirs, refused
 
 

@@ -41,6 +41,7 @@ from pyro_gmvae.harness.compare import (
     comparison_curves,
     markdown_table,
     read_summary,
+    run_line,
     run_many,
     write_results,
 )
@@ -128,13 +129,7 @@ def train_all(args) -> dict:
             ))  # fmt: skip
     for cfg, (summary, trained) in zip(configs, run_many(configs, args.workers)):
         if trained:
-            print(
-                f"{cfg.model:11s} {cfg.guide:15s} seed {cfg.seed}: "
-                f"Hungarian {summary['acc_hungarian']:.3f}, "
-                f"H(Y|X) {summary['cond_entropy']:.3f}, "
-                f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
-                flush=True,
-            )
+            print(run_line(f"{cfg.model:11s} {cfg.guide:15s} seed {cfg.seed}", summary), flush=True)
     return dirs
 
 

@@ -29,6 +29,7 @@ from pyro_gmvae.harness.compare import (
     markdown_table,
     metric_curves,
     read_summary,
+    run_line,
     run_many,
     write_results,
 )
@@ -95,13 +96,8 @@ def train_all(args) -> dict:
     # --workers runs at once, one thread each; the same numbers as one by one.
     for cfg, (summary, trained) in zip(configs, run_many(configs, args.workers)):
         if trained:
-            print(
-                f"{cfg.model:12s} seed {cfg.seed}: acc majority {summary['acc_majority']:.3f}, "
-                f"Hungarian {summary['acc_hungarian']:.3f}, "
-                f"H(Y|X) {summary['cond_entropy']:.3f}, "
-                f"test -ELBO {-summary['test_elbo']:.2f}, {summary['wall_time_s']:.0f} s",
-                flush=True,
-            )
+            label = f"{cfg.model:12s} seed {cfg.seed}: acc majority {summary['acc_majority']:.3f}"
+            print(run_line(label, summary), flush=True)
     return dirs
 
 

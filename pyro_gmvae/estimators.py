@@ -297,7 +297,7 @@ class JitEnumEstimator(Estimator):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._plain = super()._make_elbo()
-        self._compiled_key, self._compiled = None, None
+        self._compiled_key, self._compiled, self._traced = None, None, set()
 
     def _make_elbo(self):
         m = self.num_particles
@@ -327,6 +327,7 @@ class JitEnumEstimator(Estimator):
                 return configured_guide(*a, **k)
 
             self._compiled_key, self._compiled = key, (self._make_elbo(), model_fn, guide_fn)
+            self._traced = set()
         elbo, model_fn, guide_fn = self._compiled
         shapes = tuple(tuple(a.shape) for a in args if torch.is_tensor(a))
         with warnings.catch_warnings():
@@ -334,6 +335,14 @@ class JitEnumEstimator(Estimator):
             # deprecated on recent torch (FutureWarning) and still works.
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            if shapes not in self._traced:
+                # Compiling runs the model and guide, and their draws, more than once: compile on
+                # a fork of the RNG, so that every step draws what the eager enum step draws (a
+                # resumed run, which compiles again, then continues exactly).
+                cuda = [a.device for a in args if torch.is_tensor(a) and a.is_cuda][:1]
+                with torch.random.fork_rng(devices=cuda):
+                    elbo.differentiable_loss(model_fn, guide_fn, *args, _shapes=shapes, **kwargs)
+                self._traced.add(shapes)
             return elbo.differentiable_loss(model_fn, guide_fn, *args, _shapes=shapes, **kwargs)
 
 
@@ -441,9 +450,15 @@ class GraphEstimator(ScoreEstimator):
         return {"site": site, "baseline": store[baseline_param_name(site)].detach().mean().clone()}
 
     def load_state_dict(self, state):
+        store = pyro.get_param_store()
         if state:
             self._site = state["site"]
-            pyro.get_param_store()[baseline_param_name(state["site"])] = state["baseline"].clone()
+            store[baseline_param_name(state["site"])] = state["baseline"].clone()
+        elif getattr(self, "_site", None) is not None:
+            # No baseline yet in that state: forget one made since (e.g. by a timed step).
+            if baseline_param_name(self._site) in store:
+                del store[baseline_param_name(self._site)]
+            self._site = None
 
 
 class RelaxedEstimator(Estimator):

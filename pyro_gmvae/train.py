@@ -229,15 +229,17 @@ class Trainer:
         nan_check_every: check the loss every this many steps (None: every step on CPU, every 20
             on CUDA, since each check reads the loss back from the device).
 
-    Under an initialised ``torch.distributed`` process group of more than one process, the
-    trainer is one replica of a data-parallel run (see the module docstring): construct it on
-    every rank with the same arguments; a step's loss is that of the union of the ranks' batches.
+        data_parallel: be one replica of a data-parallel run over the initialised
+            ``torch.distributed`` process group (see the module docstring). Construct it on every
+            rank with the same arguments, and call :meth:`step`, :meth:`fit` and
+            :meth:`state_dict` on every rank alike: they hold collectives. A step's loss is that
+            of the union of the ranks' batches.
     """
 
     def __init__(self, model, guide=None, estimator="enum", optimizer="adam", lr=1e-3, clip_norm=None,
                  kl_weight=1.0, free_bits=0.0, num_particles=1, device=None, seed=0, on_nan="raise",
                  max_rollbacks=10, nan_check_every=None, max_rollback_fraction=0.1,
-                 rollback_window=100, lr_decay=1.0, kl_warmup_epochs=0):  # fmt: skip
+                 rollback_window=100, lr_decay=1.0, kl_warmup_epochs=0, data_parallel=False):  # fmt: skip
         if on_nan not in ON_NAN:
             raise ValueError(f"on_nan must be one of {ON_NAN}, got {on_nan!r}")
         if optimizer not in OPTIMIZERS:
@@ -265,9 +267,11 @@ class Trainer:
             )
         self.device = resolve_device(device)
         self.seed = seed
-        parallel = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if parallel else 0
-        self.world_size = dist.get_world_size() if parallel else 1
+        if data_parallel and not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("data_parallel=True needs an initialised torch.distributed process "
+                             "group (torchrun, then torch.distributed.init_process_group)")  # fmt: skip
+        self.rank = dist.get_rank() if data_parallel else 0
+        self.world_size = dist.get_world_size() if data_parallel else 1
         self._rng = self._seeded_stream(_stream_seed(seed, self.rank))
         # A param store of its own: another model's entries under the same names cannot shadow
         # this one's parameters (JitTraceEnum_ELBO and graph's baseline read them from the store).
@@ -307,10 +311,10 @@ class Trainer:
     # --- the trainer's own random stream and param store ---------------------------------------
 
     def _seeded_stream(self, seed: int) -> dict:
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return self._current_stream()
+        state = {"torch": torch.Generator().manual_seed(seed).get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.Generator(self.device).manual_seed(seed).get_state()
+        return state
 
     def _current_stream(self) -> dict:
         state = {"torch": torch.get_rng_state()}
@@ -321,17 +325,17 @@ class Trainer:
     @contextlib.contextmanager
     def context(self, advance: bool = True, stream: bool = True):
         """Run the enclosed code with this trainer's param store and random stream (what
-        :meth:`step` and :meth:`loss` do), and the model's shared pass between guide and model
-        (:meth:`~pyro_gmvae.base.MixtureVAE.shared_pass`); the global RNG and param store are
-        restored after. ``advance=False`` leaves the stream where it was (e.g. to repeat a step's
-        draws, or to time one); ``stream=False`` draws from the global RNG instead. Nested in
-        another, it adds nothing: the outer one owns the stream."""
+        :meth:`step` and :meth:`loss` do); the global RNG and param store are restored after.
+        ``advance=False`` leaves the trainer's stream where it was (e.g. to repeat a step's
+        draws, or to time one); ``stream=False`` draws from the global RNG instead.
+        Nested in another, it adds nothing: the outer one owns the stream."""
         if self._in_context:
             yield
             return
         devices = [self.device] if self.device.type == "cuda" and stream else []
         rng = torch.random.fork_rng(devices=devices) if stream else contextlib.nullcontext()
-        with rng, pyro.get_param_store().scope(self._param_state), self.model.shared_pass():
+        before = self._rng
+        with rng, pyro.get_param_store().scope(self._param_state):
             if stream:
                 torch.set_rng_state(self._rng["torch"])
                 if "cuda" in self._rng:
@@ -343,6 +347,8 @@ class Trainer:
                 self._in_context = False
             if stream and advance:
                 self._rng = self._current_stream()
+        if not advance:
+            self._rng = before
 
     # --- settings -------------------------------------------------------------------------------
 
@@ -370,7 +376,7 @@ class Trainer:
     def loss(self, x) -> torch.Tensor:
         """The training objective on a batch, summed over its points, without gradients."""
         x = self.model.prepare(x)
-        with self.context():
+        with self.context(), self.model.shared_pass():
             # Not under no_grad: TraceEnum_ELBO's differentiable_loss refuses a loss without a graph.
             return self.estimator.loss(self.model_fn, self.guide_fn, x).detach()
 
@@ -381,7 +387,8 @@ class Trainer:
         x = self.model.prepare(x)
         if not (self.model.training and self.guide.training):  # walking the modules costs
             self.model.train(), self.guide.train()
-        with self.context():
+        # One shared pass per step (gmvae_w's guide and model share the prior network's output).
+        with self.context(), self.model.shared_pass():
             try:
                 loss = self._loss_and_grads(x)
             except ValueError as err:
@@ -425,7 +432,10 @@ class Trainer:
             # parameters and buffers, so every replica starts alike. The graph is the same every
             # step (static_graph): parameters that an estimator leaves without a gradient (e.g. a
             # guide's unused head) are found once, not every step.
-            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            ids = None
+            if self.device.type == "cuda":  # "cuda" without an index: the current device
+                index = self.device.index
+                ids = [torch.cuda.current_device() if index is None else index]
             self._ddp = nn.parallel.DistributedDataParallel(
                 _Objective(self.model, self.guide, self.estimator),
                 device_ids=ids,
@@ -527,7 +537,10 @@ class Trainer:
                 loss_sum += torch.where(finite, loss, 0.0)
                 n += finite * batch_size
                 taken += 1
-                if stop is not None and self._any_rank(stop()):
+                # Data-parallel, every nan_check_every steps (the same steps on every rank): the
+                # agreement is a collective, and on CUDA a read-back.
+                poll = self.world_size == 1 or self.step_count % self.nan_check_every == 0
+                if stop is not None and poll and self._any_rank(stop()):
                     pos.update(epoch=epoch, batch=b + 1, loss_sum=loss_sum.item(), n=n.item())
                     if checkpoint is not None:
                         checkpoint()
@@ -591,13 +604,13 @@ class Trainer:
             streams = [None] * self.world_size
             dist.all_gather_object(streams, {k: v.cpu() for k, v in self._rng.items()})
             state["rng_ranks"] = streams
-        with self.context(advance=False):  # e.g. graph's baseline, kept in the param store
+        with self.context(stream=False):  # e.g. graph's baseline, kept in the param store
             state["estimator"] = self.estimator.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self._load_train_state(state)
-        with self.context(advance=False):
+        with self.context(stream=False):  # into the trainer's param store
             self.estimator.load_state_dict(state.get("estimator", {}))
         self.step_count = state["step"]
         self.rollbacks_total = state.get("rollbacks_total", 0)
@@ -620,6 +633,13 @@ class Trainer:
                 f"resuming {len(ranks)} data-parallel processes' state with {self.world_size}: the "
                 "random draws continue from fresh seeds, so the run will not match an "
                 "uninterrupted one exactly",
+                stacklevel=3,
+            )
+            return self._seeded_stream(_stream_seed(self.seed + self.step_count, self.rank))
+        if ranks is None and self.rank > 0:
+            warnings.warn(
+                "resuming a one-process state data-parallel: the other processes' random draws "
+                "start from fresh seeds, so the run will not match an uninterrupted one exactly",
                 stacklevel=3,
             )
             return self._seeded_stream(_stream_seed(self.seed + self.step_count, self.rank))

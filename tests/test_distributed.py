@@ -50,7 +50,7 @@ def _worker(rank, world, init_file, out_dir):
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(1.0)
-        trainer = Trainer(model, guide, **TRAINER)
+        trainer = Trainer(model, guide, **TRAINER, data_parallel=True)
         x = data(B)
         part = B // world
         loss = trainer.step(x[rank * part : (rank + 1) * part])

@@ -79,20 +79,22 @@ def test_a_trainer_keeps_its_own_param_store_and_random_stream(estimator):
     assert set(pyro.get_param_store().keys()) == keys
 
 
-def test_fit_resumed_mid_epoch_equals_an_uninterrupted_fit():
-    """fit() from a state saved by a stop() mid-epoch continues the same data stream and draws."""
+@pytest.mark.parametrize("estimator", ["enum", "enum-jit"])
+def test_fit_resumed_mid_epoch_equals_an_uninterrupted_fit(estimator):
+    """fit() from a state saved by a stop() mid-epoch continues the same data stream and draws
+    (enum-jit compiles again after the resume, without drawing from the stream)."""
     x = torch.cat(batches(5))  # 80 rows: 5 batches of 16 per epoch
-    full = Trainer(tiny_model())
+    full = Trainer(tiny_model(), estimator=estimator)
     rows = []
     full.fit(x, 3, B, evaluate=lambda epoch, loss: rows.append((epoch, loss)))
 
     saved, polls = [], iter(range(10**6))
-    first = Trainer(tiny_model())
+    first = Trainer(tiny_model(), estimator=estimator)
     with pytest.raises(TrainingInterrupted):
         first.fit(x, 3, B, evaluate=lambda *a: None, checkpoint=lambda: saved.append(
             copy.deepcopy(first.state_dict())), stop=lambda: next(polls) == 7)  # fmt: skip
     assert first.position["epoch"] == 1 and first.position["batch"] == 3
-    second = Trainer(tiny_model(seed=5), seed=9)  # everything must come from the state
+    second = Trainer(tiny_model(seed=5), estimator=estimator, seed=9)  # all from the state
     second.load_state_dict(saved[-1])
     resumed = []
     second.fit(x, 3, B, evaluate=lambda epoch, loss: resumed.append((epoch, loss)))
@@ -404,3 +406,40 @@ def test_kl_weight_refused_by_an_estimator_it_would_corrupt():
 def test_kl_weight_schedule():
     assert [kl_weight_schedule(e, 1.0, 4) for e in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert kl_weight_schedule(0, 2.0, 0) == 2.0
+
+
+def test_the_compiled_default_takes_the_same_steps_as_enum():
+    """The main job's estimator (enum-jit) is the enum objective compiled: same seed, same draws,
+    the same losses and parameters step after step."""
+    model, x = tiny_model(), batches(4)
+    guide = make_guide(None, model)
+    runs = []
+    for estimator in ("enum", "enum-jit"):
+        # enum-jit compiles at its first step, on a fork of the stream: the draws stay aligned.
+        trainer = Trainer(copy.deepcopy(model), copy.deepcopy(guide), estimator=estimator)
+        runs.append(([trainer.step(xb).item() for xb in x], params_of(trainer)))
+    (losses_enum, params_enum), (losses_jit, params_jit) = runs
+    assert losses_jit == pytest.approx(losses_enum, rel=1e-5)
+    for p, q in zip(params_enum, params_jit):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_a_timed_step_leaves_the_stream_and_the_estimator_as_they_were():
+    """What the duration estimate does: steps inside context(advance=False), the estimator's
+    state (graph's baseline, none yet) put back after; the run then takes the same steps."""
+    x = batches(3)
+    plain = Trainer(tiny_model(), estimator="graph")
+    expected = [plain.step(xb).item() for xb in x]
+    timed = Trainer(tiny_model(), estimator="graph")
+    with timed.context(advance=False):
+        state = timed.estimator.state_dict()
+        for _ in range(3):
+            timed.estimator.loss_and_grads(timed.model_fn, timed.guide_fn, x[0])
+        timed.estimator.load_state_dict(state)
+    timed.optimizer.zero_grad(set_to_none=True)
+    assert [timed.step(xb).item() for xb in x] == expected
+
+
+def test_data_parallel_needs_a_process_group():
+    with pytest.raises(ValueError, match="process group"):
+        Trainer(tiny_model(), data_parallel=True)

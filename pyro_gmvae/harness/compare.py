@@ -84,6 +84,14 @@ def run_many(configs, workers: int = 1) -> list[tuple[dict, bool]]:
         return list(pool.map(_run_one, configs))
 
 
+def run_line(label: str, summary: dict) -> str:
+    """One line for a run just trained: its label, then Hungarian accuracy, H(Y|X), the test
+    −ELBO and the wall time."""
+    return (f"{label}: Hungarian {summary['acc_hungarian']:.3f}, "
+            f"H(Y|X) {summary['cond_entropy']:.3f}, test -ELBO {-summary['test_elbo']:.2f}, "
+            f"{summary['wall_time_s']:.0f} s")  # fmt: skip
+
+
 def metric_value(row: dict, key: str) -> float:
     """``row[key]``, or ``-row[k]`` for ``key = "neg_<k>"`` (NaN when the row lacks ``k``)."""
     if key.startswith("neg_"):

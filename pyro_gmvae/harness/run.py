@@ -9,6 +9,7 @@ hardware). ``resume=True`` continues from the checkpoint and reproduces, on CPU,
 
 import contextlib
 import dataclasses
+import datetime
 import functools
 import json
 import math
@@ -573,7 +574,7 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> RunResult:
             if lead:
                 for stale in out.glob("*.tmp"):  # left by a kill between a write and its rename
                     stale.unlink()
-            return _run(cfg, out, device, start, log if lead else None, stop)
+            return _run(cfg, out, device, rank, start, log if lead else None, stop)
 
 
 @contextlib.contextmanager
@@ -593,14 +594,17 @@ def _process_group(cfg: RunConfig):
     if device.type == "cuda":  # one GPU per process
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Rank 0 alone runs the initialisation stage (pretraining, UMAP, the mixture fit) while the
+    # others wait in a collective: allow it more than NCCL's default 10 minutes.
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
     try:
         yield device, dist.get_rank()
     finally:
         dist.destroy_process_group()
 
 
-def _run(cfg, out, device, start, log, stop):
+def _run(cfg, out, device, rank, start, log, stop):
     train, test = load_data(cfg, device)
     _check_training_data(train, test, cfg)
     # The networks' initial weights are drawn from the global RNG: seed it first, or two runs
@@ -611,6 +615,7 @@ def _run(cfg, out, device, start, log, stop):
         model, guide, estimator=cfg.estimator, optimizer=cfg.optimizer, lr=cfg.lr, clip_norm=cfg.clip_norm,
         kl_weight=cfg.kl_weight, free_bits=cfg.free_bits, num_particles=cfg.mc_samples, device=device,
         seed=cfg.seed, on_nan=cfg.on_nan, lr_decay=cfg.lr_decay, kl_warmup_epochs=cfg.kl_warmup_epochs,
+        data_parallel=rank is not None,
     )  # fmt: skip
     lead = trainer.rank == 0  # rank 0 alone writes the run directory
     if log is not None:
@@ -745,9 +750,10 @@ def describe_plan(cfg: RunConfig, trainer, train, done_epochs=0) -> str:
     changing any state: parameters, gradients, estimator state and RNG streams are restored.
     """
     x = train.x[: cfg.batch_size // trainer.world_size]
-    state = trainer.estimator.state_dict()
-    # The trainer's param store and random stream, the latter left where it was.
-    with trainer.context(advance=False):
+    # The trainer's param store, and its random stream left where it was; the estimator's state
+    # (graph's baseline) restored after.
+    with trainer.context(advance=False), trainer.model.shared_pass():
+        state = trainer.estimator.state_dict()
         xb = torch.bernoulli(x) if cfg.binarize == "dynamic" else x
         step_s = _time(
             lambda: trainer.estimator.loss_and_grads(trainer.model_fn, trainer.guide_fn, xb)
@@ -947,7 +953,7 @@ def run_status(run_dir) -> dict:
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
     cfg = load_config(run_dir)
     state = _read_checkpoint(paths[0])
-    position = state.get("position", {"batch": 0})
+    position = _trainer_state(state)["position"]
     complete = (run_dir / "summary.json").exists() and state["epoch"] >= cfg.epochs
     return {
         "epoch": state["epoch"],
