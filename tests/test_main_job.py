@@ -148,7 +148,11 @@ def test_model_specific_defaults(smoke_runs):
     assert (saved["gmvae_w"]["lr"], saved["gmvae_w"]["free_bits"]) == (1e-4, 0.5)
     assert saved["gmvae_w"]["guide"] == "exact_posterior" and saved["gmvae_w"]["w_dim"] == 4
     for m in ("m2", "modified_m2", "gmvae"):
-        assert (saved[m]["lr"], saved[m]["free_bits"], saved[m]["estimator"]) == (1e-3, 0.0, "enum")
+        assert (saved[m]["lr"], saved[m]["free_bits"], saved[m]["estimator"]) == (
+            1e-3,
+            0.0,
+            "enum-jit",
+        )
 
 
 @needs_mnist

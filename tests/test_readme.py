@@ -19,7 +19,7 @@ def python_blocks():
 @pytest.mark.skipif(not (DATA_ROOT / "MNIST" / "raw").is_dir(), reason="no MNIST in the data root")
 def test_readme_training_example_runs(monkeypatch):
     monkeypatch.setenv(DATA_ENV_VAR, str(DATA_ROOT))
-    (example,) = [b for b in python_blocks() if "trainer.step" in b]
+    (example,) = [b for b in python_blocks() if "trainer.fit" in b]
     namespace = {}
     exec(compile(example, "README.md", "exec"), namespace)
     probs = namespace["probs"]

@@ -63,6 +63,7 @@ from pyro_gmvae.harness.run import (
     load_run,
     read_metrics,
     run,
+    run_lock,
     run_status,
     setting_choices,
     setting_kind,
@@ -223,6 +224,12 @@ def make_config(args, parser) -> RunConfig:
             for k in ("model", "dataset", "k", "seed")}  # fmt: skip
     out = Path(given.get("out") or default_out(base))
     given["out"] = str(out)
+    if (out / ".lock").exists():
+        try:  # a run still writing there is the first thing to say
+            with run_lock(out):
+                pass
+        except RunLockedError as err:
+            sys.exit(f"{parser.prog}: {err}")
     if args.resume:
         if not (out / "config.json").exists() and not (out / CHECKPOINT).exists():
             parser.error(f"argument --resume: no run in {out} (pass the run's --out, "
