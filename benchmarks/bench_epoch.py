@@ -2,7 +2,7 @@
 
 The loop is the main job's (``pyro_gmvae.harness.run``) without its evaluations: MNIST's 60k training
 images resident on the device, a seeded row permutation and dynamic binarisation per batch
-(``data.iterate_minibatches``), ``Trainer.step`` with Pyro's validation on for the first step
+(``train.iterate_minibatches``), ``Trainer.step`` with Pyro's validation on for the first step
 only, and the loss summed on the device and read back once per epoch. Wall time, with a device
 synchronisation before the clock stops. Epoch 0 includes the first-step checks (and, for
 ``enum-jit``, tracing), so it is reported apart from the later epochs.
@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_step import metadata, sync  # noqa: E402
 from pyro_gmvae import MODELS, make_guide, make_model  # noqa: E402
-from pyro_gmvae.harness.data import iterate_minibatches, load_dataset  # noqa: E402
+from pyro_gmvae.harness.data import load_dataset  # noqa: E402
 from pyro_gmvae.nets import set_validation  # noqa: E402
-from pyro_gmvae.train import Trainer, resolve_device  # noqa: E402
+from pyro_gmvae.train import Trainer, iterate_minibatches, resolve_device  # noqa: E402
 
 MNIST_TRAIN = 60000
 

@@ -10,6 +10,7 @@ import torch
 import torchvision
 
 from pyro_gmvae.harness import data as D
+from pyro_gmvae.train import iterate_minibatches
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA_ROOT = pathlib.Path(os.environ.get(D.DATA_ENV_VAR) or REPO.parent / "shared" / "data")
@@ -242,9 +243,9 @@ def test_minibatches_reproducible_from_generator():
     torch.manual_seed(1234)
     x = torch.rand(100, 7)
     for binarize in ("dynamic", "none"):
-        a = list(D.iterate_minibatches(x, 16, gen(0), binarize=binarize))
-        b = list(D.iterate_minibatches(x, 16, gen(0), binarize=binarize))
-        c = list(D.iterate_minibatches(x, 16, gen(1), binarize=binarize))
+        a = list(iterate_minibatches(x, 16, gen(0), binarize=binarize))
+        b = list(iterate_minibatches(x, 16, gen(0), binarize=binarize))
+        c = list(iterate_minibatches(x, 16, gen(1), binarize=binarize))
         assert len(a) == 6 and all(t.shape == (16, 7) for t in a)
         assert all(torch.equal(s, t) for s, t in zip(a, b))
         assert not all(torch.equal(s, t) for s, t in zip(a, c))
@@ -257,45 +258,45 @@ def test_minibatches_draw_no_global_randomness_and_resume():
     expected = torch.rand(1)
     torch.manual_seed(123)
     g = gen(5)
-    list(D.iterate_minibatches(x, 8, g))
+    list(iterate_minibatches(x, 8, g))
     assert torch.equal(torch.rand(1), expected)
     # The generator state is all a checkpoint needs to replay the next epoch.
     state = g.get_state()
-    epoch2 = list(D.iterate_minibatches(x, 8, g))
+    epoch2 = list(iterate_minibatches(x, 8, g))
     g2 = torch.Generator()
     g2.set_state(state)
-    replay = list(D.iterate_minibatches(x, 8, g2))
+    replay = list(iterate_minibatches(x, 8, g2))
     assert all(torch.equal(s, t) for s, t in zip(epoch2, replay))
 
 
 def test_dynamic_binarization():
     torch.manual_seed(1234)
     x = torch.rand(2000, 50) * 0.6
-    batches = torch.cat(list(D.iterate_minibatches(x, 100, gen(0), binarize="dynamic")))
+    batches = torch.cat(list(iterate_minibatches(x, 100, gen(0), binarize="dynamic")))
     assert set(torch.unique(batches).tolist()) == {0.0, 1.0}
     assert batches.dtype == x.dtype
     assert abs(batches.mean().item() - x.mean().item()) < 0.01
     # Fresh draws every epoch.
-    e1 = list(D.iterate_minibatches(x, 100, gen(0), binarize="dynamic", shuffle=False))
+    e1 = list(iterate_minibatches(x, 100, gen(0), binarize="dynamic", shuffle=False))
     g = gen(0)
-    list(D.iterate_minibatches(x, 100, g, binarize="dynamic", shuffle=False))
-    e2 = list(D.iterate_minibatches(x, 100, g, binarize="dynamic", shuffle=False))
+    list(iterate_minibatches(x, 100, g, binarize="dynamic", shuffle=False))
+    e2 = list(iterate_minibatches(x, 100, g, binarize="dynamic", shuffle=False))
     assert not torch.equal(e1[0], e2[0])
 
 
 def test_every_row_once_per_epoch():
     x = torch.arange(103, dtype=torch.float32).unsqueeze(1)
-    it = D.iterate_minibatches(x, 10, gen(0), binarize="none", drop_last=False)
+    it = iterate_minibatches(x, 10, gen(0), binarize="none", drop_last=False)
     assert len(it) == 11
     batches = list(it)
     assert [len(b) for b in batches] == [10] * 10 + [3]
     assert sorted(torch.cat(batches)[:, 0].long().tolist()) == list(range(103))
     assert torch.cat(batches)[:, 0].long().tolist() != list(range(103))  # shuffled
-    dropped = D.iterate_minibatches(x, 10, gen(0), binarize="none")
+    dropped = iterate_minibatches(x, 10, gen(0), binarize="none")
     assert len(dropped) == 10
     rows = torch.cat(list(dropped))[:, 0].long().tolist()
     assert len(rows) == 100 and len(set(rows)) == 100
-    ordered = torch.cat(list(D.iterate_minibatches(x, 10, gen(0), "none", shuffle=False)))
+    ordered = torch.cat(list(iterate_minibatches(x, 10, gen(0), "none", shuffle=False)))
     assert ordered[:, 0].long().tolist() == list(range(100))
 
 
@@ -303,11 +304,11 @@ def test_minibatch_argument_errors():
     torch.manual_seed(1234)
     x = torch.rand(10, 2)
     with pytest.raises(ValueError, match="exceeds"):
-        D.iterate_minibatches(x, 11, gen(0))
+        iterate_minibatches(x, 11, gen(0))
     with pytest.raises(ValueError, match="batch_size"):
-        D.iterate_minibatches(x, 0, gen(0))
+        iterate_minibatches(x, 0, gen(0))
     with pytest.raises(ValueError, match="binarize"):
-        D.iterate_minibatches(x, 5, gen(0), binarize="static")
+        iterate_minibatches(x, 5, gen(0), binarize="static")
 
 
 def test_binarize_fixed():
@@ -326,7 +327,7 @@ def test_binarize_fixed():
 def test_cuda_batches_and_fixed_binarization():
     x = torch.rand(64, 5, generator=gen(0))
     g = torch.Generator(device="cuda").manual_seed(0)
-    batches = list(D.iterate_minibatches(x.cuda(), 8, g))
+    batches = list(iterate_minibatches(x.cuda(), 8, g))
     assert len(batches) == 8 and all(b.is_cuda for b in batches)
     # The fixed test set is drawn on the CPU, so it is identical whatever the device.
     assert torch.equal(D.binarize_fixed(x.cuda(), seed=3).cpu(), D.binarize_fixed(x, seed=3))

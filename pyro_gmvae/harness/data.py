@@ -32,8 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..train import iterate_minibatches  # noqa: F401 - where the data tools are looked for
-
 DATA_ENV_VAR = "PYRO_GMVAE_DATA"
 DATASETS = ("mnist", "fashion-mnist", "svhn")
 
