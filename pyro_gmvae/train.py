@@ -332,23 +332,26 @@ class Trainer:
         if self._in_context:
             yield
             return
-        devices = [self.device] if self.device.type == "cuda" and stream else []
-        rng = torch.random.fork_rng(devices=devices) if stream else contextlib.nullcontext()
-        before = self._rng
-        with rng, pyro.get_param_store().scope(self._param_state):
+        # Saved and set by hand rather than by torch.random.fork_rng: this runs every step, and
+        # fork_rng's device discovery costs more than the copies themselves.
+        outer = self._current_stream() if stream else None
+        with pyro.get_param_store().scope(self._param_state):
             if stream:
-                torch.set_rng_state(self._rng["torch"])
-                if "cuda" in self._rng:
-                    torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+                self._set_stream(self._rng)
             self._in_context = True
             try:
                 yield
+                if stream and advance:
+                    self._rng = self._current_stream()
             finally:
                 self._in_context = False
-            if stream and advance:
-                self._rng = self._current_stream()
-        if not advance:
-            self._rng = before
+                if stream:
+                    self._set_stream(outer)
+
+    def _set_stream(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     # --- settings -------------------------------------------------------------------------------
 
@@ -402,15 +405,8 @@ class Trainer:
         if self.clip_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if self.step_count % self.nan_check_every == 0:
-            if grad_norm is None:
-                # A finite loss can still have NaN gradients: TraceEnum_ELBO drops terms whose
-                # enumeration weight q(y|x) is NaN from the loss value (its Dice masks prob > 0),
-                # not from the gradient. One step on them would make every parameter NaN.
-                grad_norm = _global_grad_norm(self.params)
             # Data-parallel, the loss and the gradients are the same on every rank: so is this.
-            # One read-back for both: a NaN or inf in either makes the sum non-finite.
-            bad = not torch.isfinite(loss.sum() + grad_norm)
-            if bad:
+            if _nonfinite(loss, self.params, grad_norm):
                 self._handle_nonfinite(loss)
                 # Rolled back: NaN says no step was taken (the loss itself may look finite).
                 return torch.full_like(loss, math.nan)
@@ -680,14 +676,26 @@ def _is_nonfinite_value_error(err: BaseException) -> bool:
     return False
 
 
-def _global_grad_norm(params) -> torch.Tensor:
-    """The L2 norm of all gradients together (what ``clip_grad_norm_`` clips), on the device."""
+def _nonfinite(loss, params, grad_norm=None) -> bool:
+    """Whether the loss or any gradient is NaN or infinite (one read-back from the device).
+
+    A finite loss can still have NaN gradients: TraceEnum_ELBO drops terms whose enumeration
+    weight q(y|x) is NaN from the loss value (its Dice factors mask prob > 0), not from the
+    gradient, and one step on them would make every parameter NaN. ``grad_norm``, when clipping
+    computed it, already says whether a gradient is non-finite.
+    """
+    bad = ~torch.isfinite(loss.sum())
+    if grad_norm is not None:
+        return bool(bad | ~torch.isfinite(grad_norm))
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    # (torch.nn.utils.get_total_norm is slower for the many small tensors of a step: it groups
-    # them by device and dtype first.)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return bool(bad)
+    found = torch.zeros((), device=grads[0].device)
+    # GradScaler's check: one fused pass over every gradient, instead of a norm per tensor (the
+    # NaN guard's main cost at small sizes). "Unscaling" by exactly 1 leaves the gradients as
+    # they are; ``found`` becomes 1 if any entry is NaN or infinite.
+    torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones_like(found))
+    return bool(bad | (found > 0))
 
 
 def kl_weight_schedule(epoch: int, kl_weight: float, warmup_epochs: int) -> float:

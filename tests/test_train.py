@@ -19,6 +19,7 @@ from pyro_gmvae.train import (
     NonFiniteLossError,
     Trainer,
     TrainingInterrupted,
+    _nonfinite,
     kl_weight_schedule,
 )
 
@@ -221,6 +222,28 @@ def test_nan_gradient_with_finite_loss_raises():
     with pytest.raises(NonFiniteLossError):
         trainer.step(batches(1)[0])
     assert_params_equal(before, params_of(trainer))
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_nan_guard_flags_any_nonfinite_gradient_and_leaves_them_unchanged(bad, dtype):
+    """The fused check against a hand-written one: every entry of every gradient inspected, and
+    large finite gradients (whose squared norm would overflow float32) are not flagged."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in [(3, 4), (5,), (2, 2, 2)]]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g, dtype=dtype) * 1e30
+    params.append(torch.nn.Parameter(torch.zeros(2)))  # no gradient: skipped
+    if bad is not None:
+        params[2].grad[1, 0, 1] = bad
+    before = [p.grad.clone() for p in params[:3]]
+    expected = not all(torch.isfinite(p.grad).all() for p in params[:3])
+    assert _nonfinite(torch.tensor(1.0), params) == expected
+    for b, p in zip(before, params):
+        assert torch.allclose(b, p.grad, rtol=0, atol=0, equal_nan=True)
+    assert _nonfinite(torch.tensor([1.0, math.nan]), params[:2])  # a non-finite loss alone
+    assert not _nonfinite(torch.tensor(1.0), params[3:])  # no gradients at all
+    assert _nonfinite(torch.tensor(1.0), params[:2], grad_norm=torch.tensor(math.inf))
 
 
 @pytest.mark.parametrize("pyro_validation", [True, False])
