@@ -160,6 +160,14 @@ def test_torchrun_main_job_writes_one_run_and_resumes_after_a_kill(tmp_path):
     assert not list(out.glob("*.tmp"))
     assert log.count("Hungarian") <= 1  # one report, from rank 0
 
+    # Rank 0 reads the folder for every process and sends its refusal to the others: all stop
+    # with the one-line reason, none waits for a rank that has given up.
+    proc = torchrun(out, "--epochs", str(epochs))
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0
+    assert log.count("already holds a run") == 2, log[-3000:]  # one line from each rank
+    assert [r["epoch"] for r in _rows(out)] == list(range(1, epochs + 1))  # nothing touched
+
 
 def _children(pid):
     """The processes whose parent is ``pid`` (Linux /proc)."""

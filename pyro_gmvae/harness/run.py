@@ -562,15 +562,15 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> RunResult:
             out.mkdir(parents=True, exist_ok=True)
         lock = run_lock(out) if lead else contextlib.nullcontext()
         with lock, _stop_on_signals() as stop:
-            start = None
-            if resume:
-                start = _load_checkpoint(out, cfg, log if lead else None)
-            elif _checkpoints(out):
-                raise FileExistsError(
-                    f"{out} already holds a run; pass resume=True (--resume) or another --out"
-                )
-            if rank is not None:  # every process has read the folder before rank 0 writes
-                torch.distributed.barrier()
+            # Rank 0 alone reads the folder and sends the others what it found (the checkpoint
+            # to resume from, or its refusal): the other machines of a multi-node run need not
+            # see the folder, and every process stops alike when it cannot be used.
+            found = _open_run_folder(out, cfg, resume, log) if lead else None
+            if rank is not None:
+                found = _from_rank_zero(found)
+            if isinstance(found, BaseException):
+                raise found
+            start = found
             if lead:
                 for stale in out.glob("*.tmp"):  # left by a kill between a write and its rename
                     stale.unlink()
@@ -857,6 +857,27 @@ def _read_checkpoint(path: Path, map_location="cpu") -> dict:
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is truncated, corrupt or not a checkpoint."""
+
+
+def _open_run_folder(out: Path, cfg: RunConfig, resume: bool, log=None):
+    """The checkpoint to resume from (None: start afresh), or the error that forbids the run."""
+    try:
+        if resume:
+            return _load_checkpoint(out, cfg, log)
+        if _checkpoints(out):
+            raise FileExistsError(
+                f"{out} already holds a run; pass resume=True (--resume) or another --out"
+            )
+        return None
+    except (OSError, ValueError, RuntimeError) as err:
+        return err
+
+
+def _from_rank_zero(obj):
+    """``obj`` as rank 0 has it, on every process of the group (pickled; tensors on the CPU)."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _load_checkpoint(out: Path, cfg: RunConfig, log=None) -> dict | None:
