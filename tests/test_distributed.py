@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 
 from pyro_gmvae import GMVAE
 from pyro_gmvae.guides import make_guide
+from pyro_gmvae.harness.run import gpu_placement
 from pyro_gmvae.train import Trainer, _stream_seed, iterate_minibatches
 
 D, K, B = 6, 3, 8
@@ -104,6 +105,15 @@ def test_each_rank_takes_its_own_share_of_every_batch(two_ranks):
     for a, b, batch in zip(seen0, seen1, expected):
         assert a.shape == b.shape == (B // 2, D)
         assert torch.equal(torch.cat([a, b]), batch)  # the same stream as one process's
+
+
+@pytest.mark.parametrize(
+    "processes, gpus, expected",
+    [(2, 2, [(0, "nccl"), (1, "nccl")]), (2, 1, [(0, "gloo"), (0, "gloo")]),
+     (4, 2, [(0, "gloo"), (1, "gloo"), (0, "gloo"), (1, "gloo")]), (1, 8, [(0, "nccl")])],
+)  # fmt: skip
+def test_processes_get_a_gpu_each_or_share_them_over_gloo(processes, gpus, expected):
+    assert [gpu_placement(r, processes, gpus) for r in range(processes)] == expected
 
 
 def test_distinct_ranks_draw_from_distinct_streams():

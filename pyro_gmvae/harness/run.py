@@ -591,17 +591,29 @@ def _process_group(cfg: RunConfig):
         raise SettingError("batch_size", f"{cfg.batch_size} must be a multiple of the {world} "
                            "data-parallel processes (each takes an equal share of a batch)")  # fmt: skip
     device = resolve_device(cfg.device)
-    if device.type == "cuda":  # one GPU per process
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "gloo"
+    if device.type == "cuda":
+        index, backend = gpu_placement(int(os.environ.get("LOCAL_RANK", "0")),
+                                       int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                                       torch.cuda.device_count())  # fmt: skip
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     # Rank 0 alone runs the initialisation stage (pretraining, UMAP, the mixture fit) while the
     # others wait in a collective: allow it more than NCCL's default 10 minutes.
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(hours=3))
     try:
         yield device, dist.get_rank()
     finally:
         dist.destroy_process_group()
+
+
+def gpu_placement(local_rank: int, processes_per_machine: int, gpus: int) -> tuple[int, str]:
+    """(GPU index, backend) of a data-parallel process: one GPU each talks NCCL; with more
+    processes than GPUs they share them round-robin over gloo (NCCL refuses two ranks on one
+    device)."""
+    if gpus < 1:
+        raise RuntimeError("--device cuda under torchrun, but this machine has no GPU")
+    return local_rank % gpus, "nccl" if processes_per_machine <= gpus else "gloo"
 
 
 def _run(cfg, out, device, rank, start, log, stop):
