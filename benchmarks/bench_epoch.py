@@ -11,8 +11,9 @@ apart from the later epochs.
         --out benchmarks/results/cuda_epoch.json
     python benchmarks/bench_epoch.py --max-steps 60 --out /tmp/cpu_epoch.json   # CPU: a part epoch
 
-``--max-steps`` stops each epoch early and scales its time to the full epoch (said in the output
-and the JSON); without MNIST files (``PYRO_GMVAE_DATA``) ``--synthetic`` uses random grey levels.
+``--max-steps`` trains each epoch on the first ``max-steps × B`` rows only (the same steps on
+fewer rows; its mean loss is then not the main job's) and scales its time to the full epoch,
+one-off costs of epoch 0 included (said in the output and the JSON); without MNIST files (``PYRO_GMVAE_DATA``) ``--synthetic`` uses random grey levels.
 """
 
 import argparse

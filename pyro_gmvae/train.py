@@ -336,10 +336,10 @@ class Trainer:
         # fork_rng's device discovery costs more than the copies themselves.
         outer = self._current_stream() if stream else None
         with pyro.get_param_store().scope(self._param_state):
-            if stream:
-                self._set_stream(self._rng)
             self._in_context = True
             try:
+                if stream:
+                    self._set_stream(self._rng)
                 yield
                 if stream and advance:
                     self._rng = self._current_stream()
@@ -690,7 +690,7 @@ def _nonfinite(loss, params, grad_norm=None) -> bool:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return bool(bad)
-    found = torch.zeros((), device=grads[0].device)
+    found = torch.zeros((), dtype=torch.float32, device=grads[0].device)  # the kernel's dtype
     # GradScaler's check: one fused pass over every gradient, instead of a norm per tensor (the
     # NaN guard's main cost at small sizes). "Unscaling" by exactly 1 leaves the gradients as
     # they are; ``found`` becomes 1 if any entry is NaN or infinite.

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 
 from pyro_gmvae import GMVAE
 from pyro_gmvae.guides import make_guide
-from pyro_gmvae.harness.run import gpu_placement
+from pyro_gmvae.harness.run import RunConfig, gpu_placement, run
 from pyro_gmvae.train import Trainer, _stream_seed, iterate_minibatches
 
 D, K, B = 6, 3, 8
@@ -73,6 +73,44 @@ def two_ranks(tmp_path_factory):
     mp.start_processes(_worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2,
                        start_method="spawn")  # fmt: skip
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _open_worker(rank, world, init_file, out, resume, report_dir):
+    """Every rank calls run() on a folder that rank 0 will refuse; records what each raised."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        try:
+            run(RunConfig(dataset="arcs", binarize="none", out=out, epochs=1), resume=resume)
+            raised = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            raised = [type(err).__name__, str(err)]
+        pathlib.Path(report_dir, f"rank{rank}.json").write_text(json.dumps(raised))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_refusal_of_rank_0_stops_every_rank(tmp_path, resume):
+    """Rank 0 alone reads the run folder; what stops it (a run already there, a corrupt
+    checkpoint) reaches the other ranks as one named error, and none waits in a collective."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (out / "config.json").write_text("{}")
+    context = mp.start_processes(_open_worker, nprocs=2, start_method="spawn", join=False,
+                                 args=(2, str(tmp_path / "init"), str(out), resume, str(tmp_path)))  # fmt: skip
+    deadline = time.time() + 120
+    while not context.join(timeout=1):
+        assert time.time() < deadline, "a rank hung"
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    expected = (
+        ["CorruptCheckpointError", "unreadable"]
+        if resume
+        else ["FileExistsError", "already holds a run"]
+    )
+    assert zero[0] == expected[0] and expected[1] in zero[1]
+    assert one[0] == "OtherRankError" and one[1] == f"rank 0 stopped: {zero[0]}: {zero[1]}"
+    assert (out / "checkpoint.pt").read_bytes() == b"not a checkpoint"  # nothing written
 
 
 def test_one_data_parallel_step_equals_a_step_on_the_union(two_ranks):
@@ -170,8 +208,8 @@ def test_torchrun_main_job_writes_one_run_and_resumes_after_a_kill(tmp_path):
     assert not list(out.glob("*.tmp"))
     assert log.count("Hungarian") <= 1  # one report, from rank 0
 
-    # Rank 0 reads the folder for every process and sends its refusal to the others: all stop
-    # with the one-line reason, none waits for a rank that has given up.
+    # A second run into the finished folder: every rank refuses with the CLI's one line (its
+    # own check, before run(); run()'s refusal from rank 0 is test_a_refusal_of_rank_0...).
     proc = torchrun(out, "--epochs", str(epochs))
     log = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0

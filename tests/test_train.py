@@ -244,6 +244,12 @@ def test_the_nan_guard_flags_any_nonfinite_gradient_and_leaves_them_unchanged(ba
     assert _nonfinite(torch.tensor([1.0, math.nan]), params[:2])  # a non-finite loss alone
     assert not _nonfinite(torch.tensor(1.0), params[3:])  # no gradients at all
     assert _nonfinite(torch.tensor(1.0), params[:2], grad_norm=torch.tensor(math.inf))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the check's own flag stays float32, as it must
+    try:
+        assert _nonfinite(torch.tensor(1.0), params) == expected
+    finally:
+        torch.set_default_dtype(previous)
 
 
 @pytest.mark.parametrize("pyro_validation", [True, False])

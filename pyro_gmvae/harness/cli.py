@@ -53,6 +53,7 @@ from pyro_gmvae.harness.run import (
     RESUMABLE_CHANGES,
     RUN,
     CorruptCheckpointError,
+    OtherRankError,
     RunConfig,
     RunInterrupted,
     RunLockedError,
@@ -385,7 +386,7 @@ def main(argv=None, prog="mnist_unsup.py") -> dict:
         parser.error(f"argument --data-dir: {data_message(err)}")
     except NonFiniteLossError as err:
         sys.exit(f"{parser.prog}: training stopped: {err}")
-    except (RunLockedError, CorruptCheckpointError) as err:
+    except (RunLockedError, CorruptCheckpointError, OtherRankError) as err:
         sys.exit(f"{parser.prog}: {err}")
     except RunInterrupted:
         sys.exit(f"\ninterrupted; the exact state is saved. Continue with: "

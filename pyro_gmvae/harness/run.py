@@ -556,21 +556,24 @@ def run(cfg: RunConfig, resume: bool = False, log=None) -> RunResult:
     """
     cfg.validate()
     out = Path(cfg.out)
-    with _process_group(cfg) as (device, rank):
+    with _process_group(cfg) as (device, rank), contextlib.ExitStack() as held:
         lead = not rank  # rank 0, or the one process
+        start, failure = None, None
         if lead:
-            out.mkdir(parents=True, exist_ok=True)
-        lock = run_lock(out) if lead else contextlib.nullcontext()
-        with lock, _stop_on_signals() as stop:
-            # Rank 0 alone reads the folder and sends the others what it found (the checkpoint
-            # to resume from, or its refusal): the other machines of a multi-node run need not
-            # see the folder, and every process stops alike when it cannot be used.
-            found = _open_run_folder(out, cfg, resume, log) if lead else None
-            if rank is not None:
-                found = _from_rank_zero(found)
-            if isinstance(found, BaseException):
-                raise found
-            start = found
+            # Rank 0 alone makes, locks and reads the folder, and sends the other ranks what it
+            # found (the checkpoint to resume from) or that it failed, so that every process
+            # stops alike instead of waiting for one that has given up.
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                held.enter_context(run_lock(out))  # held until the run ends
+                start = _open_run_folder(out, cfg, resume, log)
+            except BaseException as err:  # noqa: BLE001 - re-raised below, after telling the others
+                failure = err
+        if rank is not None:
+            start = _from_rank_zero(start, failure)
+        if failure is not None:
+            raise failure
+        with _stop_on_signals() as stop:
             if lead:
                 for stale in out.glob("*.tmp"):  # left by a kill between a write and its rename
                     stale.unlink()
@@ -871,25 +874,33 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is truncated, corrupt or not a checkpoint."""
 
 
-def _open_run_folder(out: Path, cfg: RunConfig, resume: bool, log=None):
-    """The checkpoint to resume from (None: start afresh), or the error that forbids the run."""
-    try:
-        if resume:
-            return _load_checkpoint(out, cfg, log)
-        if _checkpoints(out):
-            raise FileExistsError(
-                f"{out} already holds a run; pass resume=True (--resume) or another --out"
-            )
-        return None
-    except (OSError, ValueError, RuntimeError) as err:
-        return err
+def _open_run_folder(out: Path, cfg: RunConfig, resume: bool, log=None) -> dict | None:
+    """The checkpoint to resume from, or None to start afresh; raises what forbids the run."""
+    if resume:
+        return _load_checkpoint(out, cfg, log)
+    if _checkpoints(out):
+        raise FileExistsError(
+            f"{out} already holds a run; pass resume=True (--resume) or another --out"
+        )
+    return None
 
 
-def _from_rank_zero(obj):
-    """``obj`` as rank 0 has it, on every process of the group (pickled; tensors on the CPU)."""
-    box = [obj]
+class OtherRankError(RuntimeError):
+    """On a data-parallel process: rank 0 could not open the run; the message is its error."""
+
+
+def _from_rank_zero(value, failure: BaseException | None):
+    """Rank 0's ``value`` on every process of the group (pickled; tensors on the CPU). Where
+    rank 0 has a ``failure``, the other processes raise :class:`OtherRankError` naming it (the
+    error itself is sent as text: not every exception survives pickling)."""
+    if failure is None:
+        box = [("ok", value)]
+    else:
+        box = [("failed", f"{type(failure).__name__}: {failure}")]
     torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
+    if failure is None and box[0][0] == "failed":
+        raise OtherRankError(f"rank 0 stopped: {box[0][1]}")
+    return box[0][1]
 
 
 def _load_checkpoint(out: Path, cfg: RunConfig, log=None) -> dict | None:
