@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one unattended command for a lent H100/H200 (about 6 minutes of wall time), every
-# output under one folder:
+# The GPU check, one unattended command for a lent H100/H200 (at most BUDGET = 540 s of wall time,
+# 9 minutes: a step gets what is left of it), every output under one folder:
 #
 #   benchmarks/gpu_check.sh [--dry-run] [OUT]        (OUT defaults to gpu_check/)
 #
@@ -11,8 +11,11 @@
 # 4. the default recipe over 4 seeds at once on the one GPU (seeds in parallel, one process each;
 #    20k training images, 5 epochs, to fit the budget), through benchmarks/quality.py;
 # 5. data-parallel training of Shu's recipe under torchrun, 1 and then 2 processes on the one GPU
-#    (two processes share it through gloo; NCCL wants a GPU per process), 2 epochs each: the
-#    epoch times are in each run's metrics.jsonl (time_s).
+#    (two processes share it through gloo; NCCL wants a GPU per process), 2 epochs of 20k images
+#    each: the epoch times are in each run's metrics.jsonl (time_s).
+#
+# On the `device` tool's machine (no network, no Pyro): benchmarks/gpu_prepare.sh here, then
+# benchmarks/gpu_device.sh there, which installs the carried wheels and runs this script.
 #
 # --dry-run runs the same steps on the CPU at tiny sizes (about a minute; the tests step only
 # collects): tests/test_gpu_check.py runs it so that the script does not rot before a GPU is lent.
@@ -27,11 +30,17 @@ PY=${PYTHON:-python}
 mkdir -p "$OUT"
 : > "$OUT/steps.log"
 
+BUDGET=${BUDGET:-540}  # seconds for the whole check; a step gets what is left, at most its own limit
+
 step() {
     local name=$1; shift
-    local start=$SECONDS
+    local start=$SECONDS limit=${STEP_TIMEOUT:-150} left=$((BUDGET - SECONDS))
     echo "== $name: $*" >> "$OUT/steps.log"
-    timeout "${STEP_TIMEOUT:-150}" "$@" > "$OUT/$name.log" 2>&1
+    if [ "$left" -lt 10 ]; then
+        echo "   $name rc=124 skipped: the budget of $BUDGET s is spent" | tee -a "$OUT/steps.log"
+        return
+    fi
+    timeout "$((left < limit ? left : limit))" "$@" > "$OUT/$name.log" 2>&1
     local rc=$?
     echo "   $name rc=$rc $((SECONDS - start)) s" | tee -a "$OUT/steps.log"
 }
@@ -40,20 +49,20 @@ step machine "$PY" -c "import torch, pyro, platform; print(platform.node(), 'tor
 'pyro', pyro.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 if [ $DRY = 0 ]; then
     nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-    step tests "$PY" -m pytest -q -k "cuda" tests/
+    STEP_TIMEOUT=60 step tests "$PY" -m pytest -q -k "cuda" tests/
     step bench_step "$PY" benchmarks/bench_step.py --device cuda --batch-sizes 100 1000 --jit \
-        --repeats 3 --no-memory --out "$OUT/bench_step_cuda.json"
-    step bench_epoch "$PY" benchmarks/bench_epoch.py --device cuda --batch-sizes 100 1000 \
-        --epochs 2 --out "$OUT/bench_epoch_cuda.json"
-    step bench_epoch_jit "$PY" benchmarks/bench_epoch.py --device cuda --estimator enum-jit \
-        --batch-sizes 100 1000 --epochs 2 --out "$OUT/bench_epoch_cuda_jit.json"
-    STEP_TIMEOUT=${QUALITY_TIMEOUT:-240} step quality "$PY" benchmarks/quality.py --dataset mnist \
+        --repeats 3 --min-block-s 0.25 --no-memory --out "$OUT/bench_step_cuda.json"
+    STEP_TIMEOUT=60 step bench_epoch "$PY" benchmarks/bench_epoch.py --device cuda \
+        --batch-sizes 100 1000 --epochs 2 --out "$OUT/bench_epoch_cuda.json"
+    STEP_TIMEOUT=60 step bench_epoch_jit "$PY" benchmarks/bench_epoch.py --device cuda \
+        --estimator enum-jit --batch-sizes 100 1000 --epochs 2 --out "$OUT/bench_epoch_cuda_jit.json"
+    STEP_TIMEOUT=${QUALITY_TIMEOUT:-200} step quality "$PY" benchmarks/quality.py --dataset mnist \
         --recipes vade-umap --seeds 0 1 2 3 --workers 4 --limit 20000 --epochs 5 \
         --runs-dir "$OUT/runs" --out-dir "$OUT"
-    for n in 1 2; do
-        STEP_TIMEOUT=60 step "torchrun$n" "$PY" -m torch.distributed.run --standalone \
+    for n in 1 2; do  # 20k training images, so that both fit what is left of the budget
+        STEP_TIMEOUT=90 step "torchrun$n" "$PY" -m torch.distributed.run --standalone \
             --nproc_per_node $n examples/mnist_unsup.py --recipe shu --device cuda --epochs 2 \
-            --no-progress --out "$OUT/torchrun$n"
+            --limit 20000 --no-progress --out "$OUT/torchrun$n"
     done
 else
     step tests "$PY" -m pytest -q --collect-only -k "cuda" tests/

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pyro_gmvae.harness.compare import run_many  # noqa: E402
-from pyro_gmvae.harness.run import RECIPES, RunConfig, git_commit, hardware, read_metrics  # noqa: E402
+from pyro_gmvae.harness.run import RECIPES, RunConfig, git_commit, read_metrics  # noqa: E402
 
 # Settings a budget may override, with their types.
 OVERRIDES = {"epochs": int, "pretrain_epochs": int, "limit": int, "test_limit": int,
@@ -83,6 +83,7 @@ def record(cfg: RunConfig, summary: dict) -> dict:
         "train_elbo": -summary["train_loss"], "test_elbo": summary["test_elbo"],
         "init_acc_hungarian": init.get("acc_hungarian"), "run_dir": cfg.out,
         "commit": saved.get("versions", {}).get("git_commit"),
+        "hardware": hardware_line(summary["hardware"]), "device": summary["hardware"]["device"],
         "config": dataclasses.asdict(cfg),
     }  # fmt: skip
 
@@ -152,7 +153,7 @@ def main(argv=None):
         argv if argv is not None else sys.argv[1:]
     )
     for r in records:
-        r.update(command=command, hardware=hardware_line())
+        r["command"] = command
         r["commit"] = r["commit"] or args.commit or commit
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,9 +165,11 @@ def main(argv=None):
         records = [r for r in json.loads(path.read_text()) if r["recipe"] not in mine] + records
     mark_selected(records)
     path.write_text(json.dumps(records, indent=2) + "\n")
+    gpus = sorted({r["hardware"] for r in records if not r.get("device", "cpu").startswith("cpu")})
+    where = "one CPU thread per seed" if not gpus else f"on {' and '.join(gpus)}"
     md = (
-        f"{args.dataset}, K = 10, train on the training split, test on the test split; one CPU "
-        "thread per seed (CPU minutes: the process's CPU time). Commands and commits per recipe: "
+        f"{args.dataset}, K = 10, train on the training split, test on the test split; {where} "
+        "(CPU minutes: the process's CPU time). Commands, commits and hardware per run: "
         f"{path.name}\n\n" + table(records) + "\n" + seed_table(records)
     )
     (out / f"quality_{args.dataset}.md").write_text(md)
@@ -174,10 +177,10 @@ def main(argv=None):
     return records
 
 
-def hardware_line() -> str:
-    import torch
-
-    info = hardware(torch.device("cpu"))
+def hardware_line(info: dict) -> str:
+    """A run's hardware (``summary["hardware"]``) in words."""
+    if "gpu" in info:
+        return f"{info['gpu']} (seeds in parallel share it), {info['cpu_count']} CPU cores"
     return f"{info['cpu']}, {info['cpu_count']} cores, 1 thread per run"
 
 

@@ -28,3 +28,20 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     for name in ("bench_step_cuda.json", "bench_epoch_cuda.json", "quality_mnist.json",
                  "torchrun1/summary.json", "torchrun2/summary.json"):  # fmt: skip
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_a_spent_budget_skips_the_remaining_steps(tmp_path):
+    """Each step gets what is left of BUDGET: with none left, every step says it was skipped and
+    the check fails, instead of running past the device's time limit."""
+    env = {**os.environ, "PYTHON": sys.executable, "BUDGET": "0"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run",
+                           str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    log = (tmp_path / "steps.log").read_text()
+    assert proc.returncode == 1
+    assert log.count("skipped: the budget of 0 s is spent") == 7, log
+
+
+def test_the_device_scripts_parse():
+    for script in ("gpu_check.sh", "gpu_device.sh", "gpu_prepare.sh"):
+        subprocess.run(["bash", "-n", str(REPO / "benchmarks" / script)], check=True)
