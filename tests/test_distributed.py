@@ -176,6 +176,19 @@ def torchrun(out, *extra):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
 
 
+def test_a_batch_the_processes_cannot_share_is_one_line(tmp_path):
+    """Under torchrun (WORLD_SIZE set), a batch size that is not a multiple of the processes is
+    refused naming the flag, before any process group or folder exists."""
+    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "mnist_unsup.py"), "--model",
+                           "gmvae", "--dataset", "arcs", "--batch-size", "25", "--epochs", "1",
+                           "--out", str(tmp_path / "run"), "--no-progress"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert "argument --batch-size: 25 must be a multiple of the 2 data-parallel" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 @needs_mnist
 def test_torchrun_main_job_writes_one_run_and_resumes_after_a_kill(tmp_path):
     out = tmp_path / "run"

@@ -384,6 +384,8 @@ def main(argv=None, prog="mnist_unsup.py") -> dict:
                       log=lambda line: print(f"{recipe} on {line}", flush=True))  # fmt: skip
     except DatasetNotFoundError as err:  # e.g. a training split missing beside the test split
         parser.error(f"argument --data-dir: {data_message(err)}")
+    except SettingError as err:  # e.g. under torchrun, a batch the processes cannot share
+        parser.error(f"argument {flag(err.field)}: {one_line(err.message)}")
     except NonFiniteLossError as err:
         sys.exit(f"{parser.prog}: training stopped: {err}")
     except (RunLockedError, CorruptCheckpointError, OtherRankError) as err:

@@ -197,7 +197,8 @@ class RunConfig:
     iw_samples: int = setting(0, "S for a final importance-weighted bound on log p(x) (0: "
                               "skipped; it costs K·S decoder passes per test image)", RUN,
                               minimum=0)  # fmt: skip
-    out: str = setting("runs/latest", "run directory", RUN)
+    out: str = setting("runs/latest", "run directory (default runs/DATASET-MODEL-kK-seedSEED; "
+                       "runs/latest for run() called from Python)", RUN)  # fmt: skip
     progress: bool = setting(True, "progress bars", RUN, flag="--no-progress")
 
     def validate(self) -> "RunConfig":
