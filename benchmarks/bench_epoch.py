@@ -13,7 +13,8 @@ apart from the later epochs.
 
 ``--max-steps`` trains each epoch on the first ``max-steps × B`` rows only (the same steps on
 fewer rows; its mean loss is then not the main job's) and scales its time to the full epoch,
-one-off costs of epoch 0 included (said in the output and the JSON); without MNIST files (``PYRO_GMVAE_DATA``) ``--synthetic`` uses random grey levels.
+one-off costs of epoch 0 included (said in the output and the JSON). Without MNIST files
+(``PYRO_GMVAE_DATA``), ``--synthetic`` uses random grey levels.
 """
 
 import argparse

@@ -624,20 +624,14 @@ class Trainer:
 
     def _loaded_stream(self, state: dict) -> dict:
         ranks = state.get("rng_ranks")
+        fresh = None  # why this process cannot continue its own saved stream
         if ranks is not None and len(ranks) != self.world_size:
-            warnings.warn(
-                f"resuming {len(ranks)} data-parallel processes' state with {self.world_size}: the "
-                "random draws continue from fresh seeds, so the run will not match an "
-                "uninterrupted one exactly",
-                stacklevel=3,
-            )
-            return self._seeded_stream(_stream_seed(self.seed + self.step_count, self.rank))
-        if ranks is None and self.rank > 0:
-            warnings.warn(
-                "resuming a one-process state data-parallel: the other processes' random draws "
-                "start from fresh seeds, so the run will not match an uninterrupted one exactly",
-                stacklevel=3,
-            )
+            fresh = f"resuming {len(ranks)} data-parallel processes' state with {self.world_size}"
+        elif ranks is None and self.rank > 0:
+            fresh = "resuming a one-process state data-parallel"
+        if fresh:
+            warnings.warn(f"{fresh}: the random draws continue from fresh seeds, so the run will "
+                          "not match an uninterrupted one exactly", stacklevel=3)  # fmt: skip
             return self._seeded_stream(_stream_seed(self.seed + self.step_count, self.rank))
         saved = ranks[self.rank] if ranks is not None else state["rng"]
         if "pyro" in saved:  # written before the trainer had its own stream: the global one
