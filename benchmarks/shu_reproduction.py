@@ -6,10 +6,15 @@ Adam steps (batch 100). Our runs evaluate after each epoch of 600 steps (60k ima
 and record the step count in ``metrics.jsonl``. The comparison is made at the steps where both
 have a value: step s is his epoch s / 500, so every 3000 steps (our epoch 5, his epoch 6).
 
-    python benchmarks/shu_reproduction.py runs/shu100/mnist-shu-seed0 runs/shu100/mnist-shu-seed1
+    python benchmarks/shu_reproduction.py runs/shu100/mnist-shu-seed1
 
-writes ``benchmarks/results/shu_reproduction.md`` (the table, with each run's commit and
-budget) and ``docs/figures/shu_reproduction.png`` (the curves against steps).
+reads each run directory given (``config.json``, ``metrics.jsonl``, ``summary.json`` when it has
+finished) into ``benchmarks/results/shu_reproduction.json``, the committed record of every run
+so far, where it replaces that run's entry and keeps the others. A run directory lives on one
+machine; the record keeps its curve and provenance once the machine is gone. From the whole
+record it writes ``benchmarks/results/shu_reproduction.md`` (the table, with each run's commit
+and budget) and ``docs/figures/shu_reproduction.png`` (the curves against steps). With no run
+directory it rebuilds both from the record alone.
 """
 
 import argparse
@@ -20,7 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LOGS = REPO / "benchmarks" / "results" / "shu_logs_gmvae.json"
+RECORD = REPO / "benchmarks" / "results" / "shu_reproduction.json"
 HIS_STEPS_PER_EPOCH = 500
+FINAL_METRICS = ("acc_hungarian", "acc_majority", "nmi", "ari", "test_elbo")
 
 
 def his_curves(path=LOGS) -> dict[str, dict[int, float]]:
@@ -36,6 +43,47 @@ def our_curve(run_dir) -> dict[int, float]:
     """{step: majority-label test accuracy} of one of our runs (its metrics.jsonl)."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["acc_majority"] for r in rows if r["step"] > 0}
+
+
+def run_entry(run_dir) -> dict:
+    """One run directory as a record entry: its curve, how far it got, and where it ran."""
+    run_dir = Path(run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return {
+        "dir": str(run_dir),
+        "seed": config["seed"],
+        "epochs": config["epochs"],
+        "epochs_done": last["epoch"],
+        "steps": last["step"],
+        "wall_h": round(last["time_s"] / 3600, 2),
+        "cpu_h": round(summary["cpu_time_s"] / 3600, 2) if summary else None,
+        "threads": config.get("threads"),
+        "estimator": config.get("estimator"),
+        "commit": (config.get("versions", {}).get("git_commit") or "unknown")[:7],
+        "hardware": config.get("hardware"),
+        "final": {m: summary[m] for m in FINAL_METRICS if m in summary} if summary else None,
+        "curve": {str(s): a for s, a in sorted(our_curve(run_dir).items())},
+    }
+
+
+def load_record(path=RECORD) -> dict[str, dict]:
+    path = Path(path)
+    return json.loads(path.read_text())["runs"] if path.exists() else {}
+
+
+def save_record(runs: dict[str, dict], path=RECORD) -> None:
+    text = json.dumps({"runs": dict(sorted(runs.items()))}, indent=1) + "\n"
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def curves(runs: dict[str, dict]) -> dict[str, dict[int, float]]:
+    return {name: {int(s): a for s, a in run["curve"].items()} for name, run in runs.items()}
 
 
 def common_steps(ours: dict[str, dict], his: dict[str, dict], every: int) -> list[int]:
@@ -65,13 +113,19 @@ def table(ours: dict[str, dict], his: dict[str, dict], steps: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def provenance(run_dir) -> str:
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    last = rows[-1]
-    return (f"- `{run_dir}`: seed {config['seed']}, {last['epoch']} of {config['epochs']} epochs "
-            f"({last['step']} steps), {last['time_s'] / 3600:.1f} h of wall time, "
-            f"{config.get('threads')} thread(s)")  # fmt: skip
+def provenance(name: str, run: dict) -> str:
+    """One line per run: how far it got, where and how it ran, its final test scores."""
+    line = (f"- `{name}` (`{run['dir']}`): seed {run['seed']}, {run['epochs_done']} of "
+            f"{run['epochs']} epochs ({run['steps']} steps), {run['wall_h']:.1f} h of wall time"
+            + (f", {run['cpu_h']:.1f} CPU hours" if run.get("cpu_h") else "")
+            + f"; threads: {run['threads']}; estimator: {run['estimator']}; "
+            f"commit: {run['commit']}")  # fmt: skip
+    final = run.get("final")
+    if final:
+        line += (f"; final test scores: Hungarian {100 * final['acc_hungarian']:.1f} %, "
+                 f"NMI {final['nmi']:.3f}, ARI {final['ari']:.3f}, "
+                 f"test ELBO {final['test_elbo']:.2f}")  # fmt: skip
+    return line + (f". {run['note']}" if run.get("note") else "")
 
 
 def plot(ours, his, path):
@@ -87,7 +141,10 @@ def plot(ours, his, path):
                 label="Shu's logged runs" if i == 0 else None)  # fmt: skip
     for name, curve in ours.items():
         steps = sorted(curve)
-        ax.plot(steps, [curve[s] for s in steps], lw=1.5, label=name)
+        # A run kept only at the table's steps is drawn with its points marked.
+        sparse = len(steps) < max(steps) / 1200
+        ax.plot(steps, [curve[s] for s in steps], lw=1.5, marker="o" if sparse else None,
+                ms=3, label=name)  # fmt: skip
     right = max(max(c) for c in ours.values())
     ax.set_xlim(0, right * 1.05)
     ax.set_xlabel("optimiser steps (batch 100)")
@@ -102,20 +159,31 @@ def plot(ours, his, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run directories of --recipe shu")
+    p.add_argument("runs", nargs="*", help="run directories of --recipe shu to add to the record")
     p.add_argument("--every", type=int, default=3000, help="tabulate every this many steps")
+    p.add_argument("--record", default=str(RECORD), help="the record of every run so far")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "shu_reproduction.md"))
     p.add_argument("--figure", default=str(REPO / "docs" / "figures" / "shu_reproduction.png"))
     args = p.parse_args(argv)
-    ours = {Path(r).name: our_curve(r) for r in args.runs}
+    runs = load_record(args.record)
+    for run_dir in args.runs:
+        missing = [f for f in ("config.json", "metrics.jsonl") if not (Path(run_dir) / f).is_file()]
+        if missing:
+            p.error(f"{run_dir} is not a run directory: it has no {' or '.join(missing)}")
+        runs[Path(run_dir).name] = run_entry(run_dir)
+    if not runs:
+        p.error(f"no runs: give run directories, or a record that holds some ({args.record})")
+    save_record(runs, args.record)
+    ours = curves(runs)
     his = his_curves()
     steps = common_steps(ours, his, args.every)
     text = (
         "Majority-label accuracy on the 10k MNIST test images (each cluster takes its most "
         "common label), Shu's recipe (`--recipe shu`), at equal optimiser steps. Ours: one "
         "evaluation per 600 steps; Shu's: one per 500 (his logs, "
-        "`benchmarks/results/shu_logs_gmvae.json`).\n\n" + table(ours, his, steps) + "\n"
-        + "\n".join(provenance(r) for r in args.runs) + "\n\nCommand: `python "
+        "`benchmarks/results/shu_logs_gmvae.json`). Our runs as recorded in "
+        "`benchmarks/results/shu_reproduction.json`:\n\n" + table(ours, his, steps) + "\n"
+        + "\n".join(provenance(n, r) for n, r in runs.items()) + "\n\nCommand: `python "
         "benchmarks/shu_reproduction.py " + " ".join(args.runs) + "`\n"
     )  # fmt: skip
     Path(args.out).write_text(text)

@@ -50,3 +50,59 @@ def test_common_steps_are_multiples_of_every(every):
     ours = {"a": {600 * e: 0.5 for e in range(1, 21)}}
     steps = S.common_steps(ours, S.his_curves(), every)
     assert steps and all(s % every == 0 and s % 600 == 0 for s in steps)
+
+
+def _fake_run(path, seed, epochs_done, finished):
+    path.mkdir()
+    config = {"seed": seed, "epochs": 10, "threads": 1, "estimator": "enum-jit",
+              "versions": {"git_commit": "0123456789abcdef"}, "hardware": {"device": "cpu"}}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    rows = [{"epoch": e, "step": 600 * e, "time_s": 36.0 * e, "acc_majority": 0.05 * e}
+            for e in range(0, epochs_done + 1)]  # fmt: skip
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if finished:
+        summary = {"acc_hungarian": 0.5, "acc_majority": 0.55, "nmi": 0.4, "ari": 0.3,
+                   "test_elbo": -99.0, "cpu_time_s": 7200.0}  # fmt: skip
+        (path / "summary.json").write_text(json.dumps(summary))
+    return path
+
+
+def test_the_record_keeps_a_run_after_its_directory_is_gone(tmp_path):
+    files = ["--record", str(tmp_path / "record.json"), "--out", str(tmp_path / "table.md"),
+             "--figure", str(tmp_path / "curves.png")]  # fmt: skip
+    a = _fake_run(tmp_path / "run-a", seed=0, epochs_done=10, finished=True)
+    S.main([str(a), *files])
+    entry = S.load_record(tmp_path / "record.json")["run-a"]
+    assert entry["curve"] == {str(600 * e): 0.05 * e for e in range(1, 11)}
+    assert (entry["epochs_done"], entry["steps"], entry["commit"]) == (10, 6000, "0123456")
+    assert entry["wall_h"] == 0.1 and entry["cpu_h"] == 2.0 and entry["final"]["nmi"] == 0.4
+    first = (tmp_path / "table.md").read_text()
+    assert "| 3000 | 6 | 25.0 |" in first and "Hungarian 50.0 %" in first
+
+    # A second run is added beside the first, whose directory no longer exists.
+    (a / "metrics.jsonl").unlink()
+    b = _fake_run(tmp_path / "run-b", seed=1, epochs_done=5, finished=False)
+    S.main([str(b), *files])
+    runs = S.load_record(tmp_path / "record.json")
+    assert set(runs) == {"run-a", "run-b"} and runs["run-a"] == entry
+    assert runs["run-b"]["final"] is None and runs["run-b"]["cpu_h"] is None
+    second = (tmp_path / "table.md").read_text()
+    assert "| 3000 | 6 | 25.0 | 25.0 |" in second and "| 6000 | 12 | 50.0 | – |" in second
+
+    # With no run directory, the record alone gives the same table.
+    assert S.main(files).split("Command:")[0] == second.split("Command:")[0]
+
+
+def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        S.main([str(tmp_path), "--record", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not a run directory: it has no config.json or metrics.jsonl" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_the_committed_table_is_the_committed_record():
+    ours = S.curves(S.load_record())
+    his = S.his_curves()
+    table = S.table(ours, his, S.common_steps(ours, his, 3000))
+    assert table in (REPO / "benchmarks" / "results" / "shu_reproduction.md").read_text()
