@@ -46,7 +46,11 @@ def our_curve(run_dir) -> dict[int, float]:
 
 
 def run_entry(run_dir) -> dict:
-    """One run directory as a record entry: its curve, how far it got, and where it ran."""
+    """One run directory as a record entry: its curve, how far it got, and where it ran.
+
+    ``commit`` is the one config.json holds, the commit the run was launched at: a resume keeps
+    it. Where a run was resumed at other commits, say so in the entry's ``note``.
+    """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -144,7 +148,7 @@ def plot(ours, his, path):
         # A run kept only at the table's steps is drawn with its points marked.
         sparse = len(steps) < max(steps) / 1200
         ax.plot(steps, [curve[s] for s in steps], lw=1.5, marker="o" if sparse else None,
-                ms=3, label=name)  # fmt: skip
+                ms=3, label=f"{name} (kept at the table's steps)" if sparse else name)  # fmt: skip
     right = max(max(c) for c in ours.values())
     ax.set_xlim(0, right * 1.05)
     ax.set_xlabel("optimiser steps (batch 100)")
