@@ -23,6 +23,8 @@ import math
 import statistics
 from pathlib import Path
 
+from pyro_gmvae.harness.run import read_metrics, write_json
+
 REPO = Path(__file__).resolve().parents[1]
 LOGS = REPO / "benchmarks" / "results" / "shu_logs_gmvae.json"
 RECORD = REPO / "benchmarks" / "results" / "shu_reproduction.json"
@@ -39,9 +41,9 @@ def his_curves(path=LOGS) -> dict[str, dict[int, float]]:
     }
 
 
-def our_curve(run_dir) -> dict[int, float]:
+def our_curve(run_dir, rows=None) -> dict[int, float]:
     """{step: majority-label test accuracy} of one of our runs (its metrics.jsonl)."""
-    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir) if rows is None else rows
     return {r["step"]: r["acc_majority"] for r in rows if r["step"] > 0}
 
 
@@ -53,7 +55,9 @@ def run_entry(run_dir) -> dict:
     """
     run_dir = Path(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir} has no evaluation yet (metrics.jsonl is empty)")
     last = rows[-1]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
@@ -70,7 +74,7 @@ def run_entry(run_dir) -> dict:
         "commit": (config.get("versions", {}).get("git_commit") or "unknown")[:7],
         "hardware": config.get("hardware"),
         "final": {m: summary[m] for m in FINAL_METRICS if m in summary} if summary else None,
-        "curve": {str(s): a for s, a in sorted(our_curve(run_dir).items())},
+        "curve": {str(s): a for s, a in sorted(our_curve(run_dir, rows).items())},
     }
 
 
@@ -80,10 +84,8 @@ def load_record(path=RECORD) -> dict[str, dict]:
 
 
 def save_record(runs: dict[str, dict], path=RECORD) -> None:
-    text = json.dumps({"runs": dict(sorted(runs.items()))}, indent=1) + "\n"
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    # write_json is atomic (a temporary file, then a rename): an interrupt leaves the old record.
+    write_json({"runs": dict(sorted(runs.items()))}, path)
 
 
 def curves(runs: dict[str, dict]) -> dict[str, dict[int, float]]:
@@ -169,12 +171,18 @@ def main(argv=None):
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "shu_reproduction.md"))
     p.add_argument("--figure", default=str(REPO / "docs" / "figures" / "shu_reproduction.png"))
     args = p.parse_args(argv)
-    runs = load_record(args.record)
+    try:
+        runs = load_record(args.record)
+    except (ValueError, KeyError) as e:
+        p.error(f"{args.record} is not a readable record ({type(e).__name__}: {e})")
     for run_dir in args.runs:
         missing = [f for f in ("config.json", "metrics.jsonl") if not (Path(run_dir) / f).is_file()]
         if missing:
             p.error(f"{run_dir} is not a run directory: it has no {' or '.join(missing)}")
-        runs[Path(run_dir).name] = run_entry(run_dir)
+        try:
+            runs[Path(run_dir).name] = run_entry(run_dir)
+        except (ValueError, KeyError) as e:  # a corrupt or unfinished file (JSONDecodeError too)
+            p.error(f"{run_dir}: cannot read the run ({type(e).__name__}: {e})")
     if not runs:
         p.error(f"no runs: give run directories, or a record that holds some ({args.record})")
     save_record(runs, args.record)

@@ -106,3 +106,26 @@ def test_the_committed_table_is_the_committed_record():
     his = S.his_curves()
     table = S.table(ours, his, S.common_steps(ours, his, 3000))
     assert table in (REPO / "benchmarks" / "results" / "shu_reproduction.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "metrics, expected",
+    [
+        ("", "has no evaluation yet"),
+        ('{"epoch": 1, "ste\n', "cannot read the run (JSONDecodeError"),
+    ],
+)
+def test_an_unreadable_run_is_one_line(tmp_path, capsys, metrics, expected):
+    run = _fake_run(tmp_path / "run", seed=0, epochs_done=1, finished=False)
+    (run / "metrics.jsonl").write_text(metrics)
+    with pytest.raises(SystemExit):
+        S.main([str(run), "--record", str(tmp_path / "r.json")])
+    assert expected in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_corrupt_record_is_one_line(tmp_path, capsys):
+    (tmp_path / "r.json").write_text('{"runs": ')
+    with pytest.raises(SystemExit):
+        S.main(["--record", str(tmp_path / "r.json")])
+    assert "is not a readable record" in capsys.readouterr().err.strip().splitlines()[-1]
